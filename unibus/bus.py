@@ -7,7 +7,9 @@ everything once closed, and closes its subscriptions when it closes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import re
 from collections import deque
@@ -28,7 +30,9 @@ __all__ = ["DEFAULT_PREFETCH", "Bus", "Subscription", "connect"]
 log = logging.getLogger("unibus")
 
 DEFAULT_PREFETCH = 64
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+# Dot-separated segments of letters, digits, '_' and '-': valid as a RabbitMQ routing
+# key, a Kafka topic and a NATS subject token alike.
+_NAME = re.compile(r"(?=.{1,200}$)[A-Za-z0-9_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 
 
 def connect(url: str | URL | None = None) -> Bus:
@@ -53,8 +57,9 @@ def check_name(kind: str, name: str) -> str:
             letters, digits, ``.``, ``_`` and ``-``.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidName(f"invalid {kind} name {name!r}: use 1-200 letters, digits, '.', "
-                          "'_' or '-', not starting with '.' or '-'")
+        raise InvalidName(f"invalid {kind} name {name!r}: use 1-200 letters, digits, '_' "
+                          "or '-', in segments separated by single dots, not starting "
+                          "with '-'")
     return name
 
 
@@ -72,13 +77,14 @@ class Bus:
             UnknownScheme: No adapter serves the scheme.
             AdapterNotInstalled: The scheme's adapter is not installed.
         """
-        self.url: URL = make_url(url if url is not None else os.environ.get("UNIBUS_URL",
-                                                                            "memory://"))
+        self.url: URL = make_url(url if url is not None
+                                 else os.environ.get("UNIBUS_URL") or "memory://")
         self.adapter: Adapter = resolve(self.url)(self.url)
         self.capabilities: Capabilities = self.adapter.capabilities
         self._max_size = self.capabilities.max_message_size
         self._opened = False
         self._closed = False
+        self._opening = asyncio.Lock()
         self._subscriptions: set[Subscription] = set()
 
     def __repr__(self) -> str:
@@ -99,9 +105,17 @@ class Bus:
             AuthenticationFailed: The broker refused the credentials.
         """
         self._check_open()
-        if not self._opened:
-            await self.adapter.connect()
-            self._opened = True
+        if self._opened:
+            return self
+        async with self._opening:
+            self._check_open()
+            if not self._opened:
+                await self.adapter.connect()
+                self._opened = True
+        if self._closed:
+            # aclose() ran while connect() was in flight: do not leave a connection open.
+            await self.adapter.aclose()
+            self._check_open()
         return self
 
     def __await__(self) -> Generator[Any, None, Self]:
@@ -120,18 +134,20 @@ class Bus:
         if self._closed:
             return
         self._closed = True
-        for sub in list(self._subscriptions):
-            await sub.aclose()
-        await self.adapter.aclose()
+        try:
+            for sub in list(self._subscriptions):
+                await sub.aclose()
+        finally:
+            await self.adapter.aclose()
 
     def _check_open(self) -> None:
         if self._closed:
             raise BusClosed(f"the bus for {self.url} is closed; connect a new one")
 
     async def _ready(self) -> None:
-        self._check_open()
         if not self._opened:
             await self.open()
+        self._check_open()
 
     async def publish(self, topic: str, body: bytes, *, id: str | None = None,
                       key: str | None = None, headers: Mapping[str, str] | None = None,
@@ -159,8 +175,8 @@ class Bus:
             PublishFailed: The broker refused or lost the message.
             BrokerUnavailable: The broker cannot be reached.
         """
-        message = (Message(body, key=key, headers=headers or {}) if id is None
-                   else Message(body, id=id, key=key, headers=headers or {}))
+        self._check_open()
+        message = Message(body, id, key, headers)
         await self.publish_many(topic, (message,), delay=delay, not_before=not_before)
         return message
 
@@ -220,7 +236,7 @@ class Bus:
             raise UnsupportedFeature(f"{self.capabilities.name} has no delayed delivery; "
                                      "publish without delay")
         if delay is not None:
-            if delay < 0:
+            if not math.isfinite(delay) or delay < 0:
                 raise ValueError(f"delay must be >= 0 seconds, got {delay}")
             return datetime.now(UTC) + timedelta(seconds=delay)
         assert not_before is not None
@@ -243,7 +259,7 @@ class Bus:
         await self.adapter.declare_group(topic, group)
 
     def subscribe(self, topics: str | Sequence[str], *, group: str | None = None,
-                  prefetch: int = DEFAULT_PREFETCH,
+                  prefetch: int | None = None,
                   dead_letter: str | None = None) -> Subscription:
         """Return a subscription; open it with ``async with`` (or ``await``).
 
@@ -251,7 +267,8 @@ class Bus:
             topics: One topic or several.
             group: A durable group (created if needed), or ``None`` for an ephemeral
                 subscription that sees only what is published while it is open.
-            prefetch: The most unsettled deliveries this consumer holds.
+            prefetch: The most unsettled deliveries this consumer holds; ``None``: the
+                adapter's ``default_prefetch`` (which its URL may set).
             dead_letter: The topic ``reject()`` routes messages to; ``None`` drops them.
 
         Raises:
@@ -269,6 +286,11 @@ class Bus:
             check_name("group", group)
         if dead_letter is not None:
             check_name("dead-letter topic", dead_letter)
+            if not self.capabilities.dead_letter:
+                raise UnsupportedFeature(f"{self.capabilities.name} has no dead-letter routing "
+                                         "for reject(); subscribe without dead_letter")
+        if prefetch is None:
+            prefetch = self.adapter.default_prefetch
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         return Subscription(self, names, group, prefetch, dead_letter)
@@ -291,6 +313,7 @@ class Subscription:
         self._consumer: Consumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._closed = False
+        self._opening = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<Subscription {','.join(self.topics)} group={self.group!r}>"
@@ -302,13 +325,23 @@ class Subscription:
             BusClosed: The bus or subscription is closed.
             BrokerError: The broker refused.
         """
-        if self._closed:
-            raise BusClosed("this subscription is closed; subscribe again")
-        if self._consumer is None:
-            await self.bus._ready()
-            self._consumer = await self.bus.adapter.open_consumer(
-                self.topics, self.group, prefetch=self.prefetch, dead_letter=self.dead_letter)
-            self.bus._subscriptions.add(self)
+        if self._consumer is not None and not self._closed:
+            return self
+        async with self._opening:
+            if self._closed:
+                raise BusClosed("this subscription is closed; subscribe again")
+            if self._consumer is None:
+                await self.bus._ready()
+                consumer = await self.bus.adapter.open_consumer(
+                    self.topics, self.group, prefetch=self.prefetch,
+                    dead_letter=self.dead_letter)
+                if self.bus.closed or self._closed:
+                    # Closed while attaching: do not leave a consumer behind.
+                    self._closed = True
+                    await consumer.aclose()
+                    raise BusClosed("the bus was closed while this subscription attached")
+                self._consumer = consumer
+                self.bus._subscriptions.add(self)
         return self
 
     def __await__(self) -> Generator[Any, None, Self]:
@@ -352,6 +385,8 @@ class Subscription:
         if self._consumer is None:
             await self.open()
         assert self._consumer is not None
+        if max_count is not None and max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
         count = max_count or self.prefetch
         if self._buffer:
             out = [self._buffer.popleft() for _ in range(min(count, len(self._buffer)))]

@@ -19,7 +19,8 @@ URL
     option               default    meaning
     ===================  =========  ==========================================================
     ``max_message_size``  1048576   largest body in bytes
-    ``dedup_window``      120       seconds a message id is remembered per topic (0: off)
+    ``dedup_window``      0         seconds a message id is remembered per topic (0: off;
+                                    every id in the window is held in memory)
     ``create``            true      ``false``: connect only to a broker that already exists,
                                     else ``BrokerUnavailable`` (how memory is "unreachable")
     ===================  =========  ==========================================================
@@ -34,7 +35,8 @@ Capabilities
     belongs to one consumer while it holds messages of that key — a single consumer
     sees total publish order); a consumer's loss keeps key order, a nack may let
     later messages of its key overtake it; native delayed delivery; dedup on message
-    id within ``dedup_window``.
+    id within ``dedup_window`` when it is set (off by default, like RabbitMQ: a
+    window holds every id published in it, which at high rates costs memory).
 """
 
 from __future__ import annotations
@@ -262,16 +264,18 @@ class _MemoryConsumer(Consumer):
         self._dead_letter = dead_letter
         self._members = [_Member(self, g) for g in groups]
         self._unsettled: dict[_Entry, _Member] = {}
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._next = 0
         for member in self._members:
             member.group.members.append(member)
 
     def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
 
     def _take(self, max_count: int) -> list[Delivery]:
         room = min(max_count, self._prefetch - len(self._unsettled))
@@ -340,7 +344,8 @@ class _MemoryConsumer(Consumer):
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return []
-            self._waiter = waiter = loop.create_future()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
             try:
                 if remaining is None:
                     await waiter
@@ -349,7 +354,8 @@ class _MemoryConsumer(Consumer):
             except TimeoutError:
                 return []
             finally:
-                self._waiter = None
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         return []
 
     def _settle(self, delivery: Delivery) -> tuple[_Entry, _Member]:
@@ -361,7 +367,7 @@ class _MemoryConsumer(Consumer):
         key = entry.message.key
         if key is not None:
             member.release(key)
-        if self._waiter is not None and len(self._unsettled) < self._prefetch:
+        if self._waiters and len(self._unsettled) < self._prefetch:
             self.wake()
         return entry, member
 
@@ -411,7 +417,7 @@ class MemoryAdapter(Adapter):
 
     options: ClassVar[Options] = Options(
         Option("max_message_size", int, 1_048_576, "largest body in bytes", minimum=0),
-        Option("dedup_window", float, 120.0,
+        Option("dedup_window", float, 0.0,
                "seconds a message id is remembered per topic (0: off)"),
         Option("create", bool, True,
                "false: connect only to an existing broker, else BrokerUnavailable"),
@@ -458,6 +464,9 @@ class MemoryAdapter(Adapter):
                       not_before: datetime | None = None) -> None:
         due = None if not_before is None else not_before.timestamp()
         self.broker.publish(topic, messages, due, self._dedup_window)
+        # A network broker always yields here; so does memory, or a publish loop would
+        # starve every other task of the process.
+        await asyncio.sleep(0)
 
     async def declare_group(self, topic: str, group: str) -> None:
         self.broker.group(topic, group)

@@ -16,14 +16,15 @@ The same table renders the option list in the adapter's docs.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from unibus.errors import InvalidURL
 from unibus.url import URL
 
-__all__ = ["Option", "Options", "parse_bool", "parse_seconds"]
+__all__ = ["Option", "Options", "parse_bool", "parse_int", "parse_seconds"]
 
 T = TypeVar("T")
 
@@ -46,19 +47,39 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_seconds(text: str) -> float:
-    """Parse a non-negative duration in seconds (``"2.5"``) or milliseconds (``"250ms"``).
+    """Parse a duration in seconds (``"2.5"``, ``"2.5s"``) or milliseconds (``"250ms"``).
 
     Raises:
-        ValueError: The text is not a non-negative number of seconds.
+        ValueError: The text is not a finite, non-negative number of seconds.
     """
     stripped = text.strip().lower()
-    value = float(stripped[:-2]) / 1000 if stripped.endswith("ms") else float(stripped.rstrip("s"))
-    if value < 0 or value != value:
+    try:
+        if stripped.endswith("ms"):
+            value = float(stripped[:-2]) / 1000
+        else:
+            value = float(stripped.removesuffix("s"))
+    except ValueError:
+        value = math.nan
+    # NaN and infinity are refused: no timer or deadline can be built from them.
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"expected a non-negative number of seconds, got {text!r}")
     return value
 
 
-_PARSERS: Mapping[type, Callable[[str], Any]] = {bool: parse_bool, float: parse_seconds}
+def parse_int(text: str) -> int:
+    """Parse a decimal integer.
+
+    Raises:
+        ValueError: The text is not an integer.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+_PARSERS: Mapping[type, Callable[[str], Any]] = {
+    bool: parse_bool, int: parse_int, float: parse_seconds}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +114,9 @@ class Option(Generic[T]):
         try:
             value: T = _PARSERS.get(self.kind, self.kind)(raw)
         except ValueError as exc:
-            raise InvalidURL(f"option {self.name}={shown}: {exc}") from None
+            # The parser's message quotes the raw text, so a secret gets only its type.
+            reason = f"expected a {self.kind.__name__}" if self.secret else str(exc)
+            raise InvalidURL(f"option {self.name}={shown}: {reason}") from None
         if self.choices and value not in self.choices:
             allowed = ", ".join(str(c) for c in self.choices)
             raise InvalidURL(f"option {self.name}={shown}: must be one of {allowed}")
@@ -106,9 +129,18 @@ class Options:
     """The table of query options an adapter accepts."""
 
     def __init__(self, *options: Option[Any]) -> None:
-        self._options = {o.name: o for o in options}
+        """Collect the options.
 
-    def __iter__(self) -> Any:
+        Raises:
+            ValueError: Two options share a name.
+        """
+        self._options: dict[str, Option[Any]] = {}
+        for option in options:
+            if option.name in self._options:
+                raise ValueError(f"option {option.name!r} is declared twice")
+            self._options[option.name] = option
+
+    def __iter__(self) -> Iterator[Option[Any]]:
         return iter(self._options.values())
 
     def parse(self, url: URL) -> dict[str, Any]:

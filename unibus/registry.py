@@ -90,7 +90,8 @@ def resolve(url: URL) -> AdapterFactory:
 
 
 def _entry_points() -> dict[str, str]:
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    # module:attr rather than ep.value, which may carry a legacy "[extra]" suffix.
+    return {ep.name: f"{ep.module}:{ep.attr}" for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def _load(scheme: str, target: str) -> AdapterFactory:
@@ -104,5 +105,9 @@ def _load(scheme: str, target: str) -> AdapterFactory:
         raise AdapterNotInstalled(
             f"the {scheme}:// adapter is not installed ({exc.name or module_name} is missing): "
             f"{hint}") from exc
-    factory: AdapterFactory = getattr(module, attribute)
+    factory: AdapterFactory | None = getattr(module, attribute, None)
+    if factory is None:
+        raise AdapterNotInstalled(
+            f"the {scheme}:// adapter module {module_name} has no {attribute}: the installed "
+            f"distribution is broken or too old; reinstall it ({hint})")
     return factory

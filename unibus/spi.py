@@ -49,6 +49,10 @@ class Consumer(ABC):
         Never hands out more than the consumer's prefetch in unsettled deliveries:
         when that many are unsettled it waits for settlements.
 
+        Cancelling a blocked ``fetch`` loses nothing: a delivery is only handed out
+        by a ``fetch`` that returns, and unsettled deliveries go back to the group
+        when the consumer closes.
+
         Returns:
             The deliveries, or ``[]`` when the timeout passed or the consumer was closed.
 
@@ -104,10 +108,14 @@ class Adapter(ABC):
     Attributes:
         options: The URL query options this adapter accepts.
         capabilities: The semantics this adapter declares (may depend on the URL).
+        default_prefetch: The prefetch of subscriptions that give none.
     """
 
     options: ClassVar[Options]
     capabilities: Capabilities
+    #: The prefetch of subscriptions that give none (``Bus.subscribe(prefetch=None)``);
+    #: an adapter may take it from its URL.
+    default_prefetch: int = 64
 
     def __init__(self, url: URL) -> None:
         """Validate ``url`` and its options. No I/O.

@@ -1,0 +1,60 @@
+"""Small building blocks the scenarios share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unibus import Bus, Ordering, Subscription
+from unibus_contract.context import Collected, Contract, Handler, ack
+
+__all__ = ["SCHEDULING_SLACK", "Attached", "attached", "sentinel_then_quiet"]
+
+#: Allowance for the test's own event loop when comparing an elapsed time with a
+#: declared bound (task switches, the collector's polling). Never used to make an
+#: early delivery pass: lower bounds are asserted exactly.
+SCHEDULING_SLACK = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """A bus with a consumer attached in a fresh group on a fresh topic."""
+
+    bus: Bus
+    topic: str
+    group: str
+    sub: Subscription
+
+
+async def attached(contract: Contract, *, prefetch: int = 64, label: str = "t") -> Attached:
+    """Open a bus and attach one consumer in a fresh group to a fresh topic.
+
+    Consumers attach before anything is published, so these scenarios hold on
+    brokers without retention too.
+    """
+    bus = await contract.bus()
+    topic, group = contract.topic(label), contract.group(label)
+    sub = await contract.subscribe(bus, topic, group=group, prefetch=prefetch)
+    return Attached(bus, topic, group, sub)
+
+
+async def sentinel_then_quiet(contract: Contract, bus: Bus, topic: str,
+                              subs: Subscription | list[Subscription], *,
+                              handle: Handler = ack) -> Collected:
+    """Publish a sentinel and collect until it arrives, then watch a quiet window.
+
+    The sentinel is the barrier: what was going to arrive before it has. Where
+    the adapter keeps no publish order, a quiet window of the declared delivery
+    time follows, so that a late straggler is caught as well.
+
+    Returns:
+        Everything collected, the sentinel excluded.
+    """
+    sentinel = await bus.publish(topic, b"sentinel")
+    got = await contract.collect(subs, until=lambda c: sentinel.id in c.ids, handle=handle)
+    assert sentinel.id in got.ids, (
+        f"the sentinel did not arrive within the declared delivery time "
+        f"({contract.timings.delivery}s)")
+    if contract.capabilities.ordering is Ordering.NONE:
+        got.arrivals.extend((await contract.collect_for(subs, handle=handle)).arrivals)
+    got.arrivals[:] = [a for a in got.arrivals if a.delivery.id != sentinel.id]
+    return got

@@ -1,0 +1,393 @@
+"""Message validation and ids, and Delivery's settle-exactly-once rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pickle
+import time
+import uuid
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+
+import pytest
+
+from unibus import (
+    AlreadySettled,
+    Capabilities,
+    Delivery,
+    InvalidMessage,
+    Message,
+    Ordering,
+    Outcome,
+    RedeliveryOrder,
+    Support,
+    UnsupportedFeature,
+    new_message_id,
+)
+from unibus.spi import Consumer
+
+
+def capabilities(*, redelivery: bool = True, nack_delay: Support = Support.NATIVE) -> Capabilities:
+    return Capabilities(
+        name="fake", persistent=False, publish_confirms=True, group_retention=True,
+        replay_for_new_groups=False, redelivery=redelivery, nack_delay=nack_delay,
+        dead_letter=False, ordering=Ordering.NONE, redelivery_order=RedeliveryOrder.MAY_REORDER,
+        delayed_delivery=Support.ABSENT, dedup_window=None, max_message_size=1024)
+
+
+class RecordingConsumer(Consumer):
+    """A consumer that records the settlements the core hands it."""
+
+    def __init__(self, caps: Capabilities | None = None) -> None:
+        self.capabilities = caps or capabilities()
+        self.calls: list[tuple[str, str, float | None]] = []
+
+    async def fetch(self, max_count: int, timeout: float | None) -> list[Delivery]:
+        return []
+
+    async def ack(self, delivery: Delivery) -> None:
+        self.calls.append(("ack", delivery.id, None))
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        self.calls.append(("nack", delivery.id, delay))
+
+    async def reject(self, delivery: Delivery) -> None:
+        self.calls.append(("reject", delivery.id, None))
+
+    async def aclose(self) -> None:
+        self.calls.append(("aclose", "", None))
+
+
+def delivery(consumer: Consumer) -> Delivery:
+    return Delivery(Message(b"payload", id="m-1"), topic="orders", group="billing", attempt=1,
+                    consumer=consumer)
+
+
+# -- body --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", ["text", 42, None, [1, 2], {"a": 1}, 1.5])
+def test_non_bytes_body_is_invalid(body: object) -> None:
+    with pytest.raises(InvalidMessage, match=f"body must be bytes, not {type(body).__name__}"):
+        Message(body)  # type: ignore[arg-type]
+
+
+def test_invalid_message_is_a_type_error() -> None:
+    with pytest.raises(TypeError):
+        Message("text")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "body", [bytearray(b"\x00\xffab"), memoryview(b"\x00\xffab"), memoryview(b"xx\x00\xffab")[2:]])
+def test_bytearray_and_memoryview_bodies_are_copied_to_bytes(body: bytearray | memoryview) -> None:
+    message = Message(body)  # type: ignore[arg-type]
+
+    assert type(message.body) is bytes
+    assert message.body == b"\x00\xffab"
+
+
+def test_bytearray_body_changed_later_does_not_change_the_message() -> None:
+    body = bytearray(b"abc")
+    message = Message(body)  # type: ignore[arg-type]
+    body[0] = ord("z")
+
+    assert message.body == b"abc"
+
+
+def test_bytes_subclass_body_is_accepted_as_plain_bytes() -> None:
+    class Payload(bytes):
+        pass
+
+    message = Message(Payload(b"abc"))
+
+    assert type(message.body) is bytes
+    assert message.body == b"abc"
+
+
+@pytest.mark.parametrize("body", [b"", bytes(range(256)), b"\xc3\x28 not utf-8"])
+def test_any_bytes_body_is_kept_exactly(body: bytes) -> None:
+    assert Message(body).body == body
+
+
+# -- headers -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [({"kind": 1}, "'kind'"), ({"kind": None}, "'kind'"), ({"kind": b"x"}, "'kind'"),
+     ({"ok": "x", "bad": 2.0}, "'bad'"), ({1: "x"}, "1"), ({b"k": "x"}, "b'k'")],
+)
+def test_headers_not_str_to_str_are_invalid_and_name_the_header(
+        headers: dict[object, object], named: str) -> None:
+    with pytest.raises(InvalidMessage, match=f"header {named}"):
+        Message(b"", headers=headers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("headers", [[("a", "b")], "a=b", 5, {"a", "b"}])
+def test_headers_that_are_not_a_mapping_are_invalid(headers: object) -> None:
+    with pytest.raises(InvalidMessage, match="headers must be a mapping"):
+        Message(b"", headers=headers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("headers", [[], ""])
+def test_empty_headers_that_are_not_a_mapping_are_invalid(headers: object) -> None:
+    with pytest.raises(InvalidMessage, match="headers must be a mapping"):
+        Message(b"", headers=headers)  # type: ignore[arg-type]
+
+
+def test_headers_none_means_no_headers() -> None:
+    assert dict(Message(b"", headers=None).headers) == {}
+
+
+def test_headers_are_a_private_copy() -> None:
+    given = {"a": "1"}
+    message = Message(b"", headers=given)
+    given["a"] = "2"
+
+    assert dict(message.headers) == {"a": "1"}
+
+
+def test_headers_are_read_only() -> None:
+    message = Message(b"", headers={"a": "1"})
+
+    with pytest.raises(TypeError):
+        message.headers["a"] = "2"  # type: ignore[index]
+
+
+def test_default_headers_are_empty_and_not_shared() -> None:
+    first, second = Message(b""), Message(b"")
+
+    assert dict(first.headers) == {}
+    with pytest.raises(TypeError):
+        first.headers["x"] = "y"  # type: ignore[index]
+    assert dict(second.headers) == {}
+
+
+def test_headers_compare_equal_to_a_plain_dict() -> None:
+    headers = {"ключ": "значение", "": "", "emoji": "🦀"}
+
+    assert Message(b"", headers=headers).headers == headers
+
+
+# -- id, key, timestamp ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id", ["", 5, b"id", 1.5])
+def test_id_must_be_a_non_empty_str(bad_id: object) -> None:
+    with pytest.raises(InvalidMessage, match="id must be a non-empty str"):
+        Message(b"", id=bad_id)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad_key", [5, b"key", ("a",)])
+def test_key_must_be_a_str_or_none(bad_key: object) -> None:
+    with pytest.raises(InvalidMessage, match="key must be a str or None"):
+        Message(b"", key=bad_key)  # type: ignore[arg-type]
+
+
+def test_id_none_means_a_new_id() -> None:
+    assert uuid.UUID(Message(b"", id=None).id).version == 7
+
+
+def test_default_id_is_a_uuid_version_7() -> None:
+    parsed = uuid.UUID(Message(b"").id)
+
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122
+
+
+def test_new_message_ids_are_unique() -> None:
+    ids = [new_message_id() for _ in range(20_000)]
+
+    assert len(set(ids)) == len(ids)
+
+
+def test_new_message_ids_sort_in_creation_order() -> None:
+    # Thousands per millisecond: the order must hold inside one millisecond too.
+    ids = [new_message_id() for _ in range(20_000)]
+
+    assert ids == sorted(ids)
+
+
+def test_new_message_id_carries_the_creation_time_in_milliseconds() -> None:
+    before = time.time_ns() // 1_000_000
+    made = new_message_id()
+    after = time.time_ns() // 1_000_000
+
+    assert before <= uuid.UUID(made).int >> 80 <= after
+
+
+def test_default_timestamp_is_timezone_aware_utc_now() -> None:
+    before = datetime.now(UTC)
+    message = Message(b"")
+    after = datetime.now(UTC)
+
+    assert message.timestamp.utcoffset() == timedelta(0)
+    assert before <= message.timestamp <= after
+
+
+def test_given_aware_timestamp_is_kept() -> None:
+    stamp = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+
+    assert Message(b"", timestamp=stamp).timestamp == stamp
+
+
+class _NoOffset(tzinfo):
+    """A tzinfo that knows no offset: such a datetime is naive, although tzinfo is set."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str | None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "stamp", [datetime(2030, 1, 1), datetime(2030, 1, 1, tzinfo=_NoOffset()), "2030-01-01", 0])
+def test_naive_or_non_datetime_timestamp_is_invalid(stamp: object) -> None:
+    with pytest.raises(InvalidMessage, match="timezone-aware"):
+        Message(b"", timestamp=stamp)  # type: ignore[arg-type]
+
+
+def test_message_is_immutable() -> None:
+    message = Message(b"x")
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.body = b"y"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del message.key
+    assert message.body == b"x"
+
+
+def test_equal_messages_compare_equal() -> None:
+    stamp = datetime.now(UTC)
+
+    assert Message(b"x", id="1", key="k", headers={"a": "b"}, timestamp=stamp) == Message(
+        b"x", id="1", key="k", headers={"a": "b"}, timestamp=stamp)
+
+
+# -- Delivery settlement -----------------------------------------------------------------------
+
+async def test_ack_settles_once_and_reaches_the_consumer() -> None:
+    consumer = RecordingConsumer()
+    received = delivery(consumer)
+
+    await received.ack()
+
+    assert received.settled
+    assert received.outcome is Outcome.ACK
+    assert consumer.calls == [("ack", "m-1", None)]
+
+
+async def test_nack_passes_its_delay_to_the_consumer() -> None:
+    consumer = RecordingConsumer()
+    received = delivery(consumer)
+
+    await received.nack(delay=2.5)
+
+    assert received.outcome is Outcome.NACK
+    assert consumer.calls == [("nack", "m-1", 2.5)]
+
+
+FIRST_AND_SECOND = [(first, second) for first in ("ack", "nack", "reject")
+                    for second in ("ack", "nack", "reject")]
+
+
+@pytest.mark.parametrize(("first", "second"), FIRST_AND_SECOND)
+async def test_settling_twice_raises_already_settled(first: str, second: str) -> None:
+    consumer = RecordingConsumer()
+    received = delivery(consumer)
+    await getattr(received, first)()
+
+    with pytest.raises(AlreadySettled, match=f"already {first}ed"):
+        await getattr(received, second)()
+
+    assert [call[0] for call in consumer.calls] == [first]
+    assert received.outcome is Outcome(first)
+
+
+@pytest.mark.parametrize("delay", [-0.001, -1, math.nan, math.inf])
+async def test_nack_with_a_bad_delay_fails_and_leaves_the_delivery_unsettled(delay: float) -> None:
+    consumer = RecordingConsumer()
+    received = delivery(consumer)
+
+    with pytest.raises(ValueError, match="nack delay"):
+        await received.nack(delay=delay)
+
+    assert not received.settled
+    await received.ack()
+    assert consumer.calls == [("ack", "m-1", None)]
+
+
+async def test_nack_on_an_adapter_without_redelivery_is_unsupported_and_settles_nothing() -> None:
+    consumer = RecordingConsumer(capabilities(redelivery=False, nack_delay=Support.ABSENT))
+    received = delivery(consumer)
+
+    with pytest.raises(UnsupportedFeature, match="does not redeliver"):
+        await received.nack()
+
+    assert not received.settled
+    await received.reject()
+    assert consumer.calls == [("reject", "m-1", None)]
+
+
+async def test_delayed_nack_without_delay_support_is_unsupported_but_plain_nack_works() -> None:
+    consumer = RecordingConsumer(capabilities(nack_delay=Support.ABSENT))
+    received = delivery(consumer)
+
+    with pytest.raises(UnsupportedFeature, match="cannot delay"):
+        await received.nack(delay=1)
+    await received.nack()
+
+    assert consumer.calls == [("nack", "m-1", 0.0)]
+
+
+def test_delivery_exposes_its_message() -> None:
+    message = Message(b"body", id="m-2", key="k", headers={"h": "v"})
+    received = Delivery(message, topic="t", group=None, attempt=3, consumer=RecordingConsumer())
+
+    assert (received.id, received.body, received.key, dict(received.headers)) == (
+        "m-2", b"body", "k", {"h": "v"})
+    assert (received.topic, received.group, received.attempt) == ("t", None, 3)
+
+
+def test_delivery_repr_shows_state_but_not_the_body() -> None:
+    received = delivery(RecordingConsumer())
+
+    assert "unsettled" in repr(received)
+    assert "payload" not in repr(received)
+
+
+# -- copies ------------------------------------------------------------------------------------
+
+def test_replace_changes_only_the_given_fields() -> None:
+    original = Message(b"x", key="k", headers={"a": "1"})
+    copy = original.replace(body=b"y", headers={"b": "2"})
+
+    assert (copy.body, copy.id, copy.key, dict(copy.headers), copy.timestamp) == (
+        b"y", original.id, "k", {"b": "2"}, original.timestamp)
+    assert original.body == b"x"
+
+
+def test_replace_with_key_none_clears_the_key() -> None:
+    assert Message(b"x", key="k").replace(key=None).key is None
+
+
+def test_replace_validates_the_new_values() -> None:
+    with pytest.raises(InvalidMessage, match="header 'a'"):
+        Message(b"x").replace(headers={"a": 1})  # type: ignore[dict-item]
+
+
+def test_message_survives_pickling() -> None:
+    message = Message(b"\x00body", key="k", headers={"a": "1"})
+    copy: Message = pickle.loads(pickle.dumps(message))
+
+    assert copy == message
+    with pytest.raises(TypeError):
+        copy.headers["a"] = "2"  # type: ignore[index]
+
+
+def test_message_repr_shows_a_large_body_shortened() -> None:
+    text = repr(Message(b"x" * 10_000))
+
+    assert len(text) < 400
+    assert "..." in text

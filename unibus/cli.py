@@ -1,0 +1,423 @@
+"""The ``unibus`` command line: ``demo``, ``publish`` and ``consume``.
+
+::
+
+    unibus demo                                  # producer → App → consumer on memory://demo
+    unibus demo --url nats://127.0.0.1:4222 --messages 5000 --json
+    echo '{"id": 1}' | unibus publish orders --url amqp://guest:guest@127.0.0.1/ --key c-7
+    unibus consume orders --url amqp://... --group billing --count 10 --timeout 5 --json
+
+``--url`` defaults to ``$UNIBUS_URL``, else ``memory://``. A ``memory://`` broker
+lives inside one process, so ``publish`` and ``consume`` in two invocations on
+``memory://`` share nothing: use a network broker to script across processes.
+
+Errors unibus recognises (a bad URL, an unreachable broker, ...) print one red
+line on stderr and exit with status 1; usage errors exit with 2; Ctrl-C exits
+with 130. Passwords are never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import unibus
+from unibus.bus import DEFAULT_PREFETCH
+
+__all__ = ["cli", "main"]
+
+T = TypeVar("T")
+
+cli = typer.Typer(
+    name="unibus",
+    help="One producer / consumer / scheduler API over RabbitMQ, Kafka, NATS and memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_URL_HELP = ("Broker URL (default: $UNIBUS_URL, else memory://). memory:// brokers live in "
+             "one process: two invocations on memory:// share nothing.")
+_PUBLISH_BATCH = 500
+_DEMO_WINDOW = 500
+
+
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; unibus errors become one red line and a non-zero exit."""
+    try:
+        return asyncio.run(coro)
+    except unibus.UnibusError as exc:
+        _fail(f"{exc} ({type(exc).__name__})")
+    except ValueError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"unibus {unibus.__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """One producer / consumer / scheduler API over RabbitMQ, Kafka, NATS and memory."""
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@dataclass
+class _DemoResult:
+    url: str
+    topic: str
+    published: int = 0
+    handler_calls: int = 0
+    processed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    dead_letters: list[dict[str, str]] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def throughput(self) -> float:
+        done = self.processed + self.dead_lettered
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+        # Nearest rank: the smallest latency at or above the given share of messages.
+        return {name: ordered[max(0, -(-len(ordered) * share // 100) - 1)] * 1000
+                for name, share in (("p50", 50), ("p90", 90), ("p99", 99))}
+
+
+class DemoTransientError(ConnectionError):
+    """The demo's stand-in for a downstream hiccup that a retry cures."""
+
+
+class DemoPoisonError(ValueError):
+    """The demo's stand-in for a message no retry can cure."""
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _demo(url: str, count: int, timeout: float) -> _DemoResult:
+    run_id = uuid.uuid4().hex[:8]
+    topic, group = f"unibus-demo.{run_id}.orders", "workers"
+    poison = count // 2
+    async with unibus.connect(url) as bus:
+        result = _DemoResult(url=str(bus.url), topic=topic)
+        app = unibus.App(bus, shutdown_timeout=5.0)
+        sent_at: dict[str, float] = {}
+        done = asyncio.Event()
+        progress = asyncio.Event()
+
+        def check_done() -> None:
+            progress.set()
+            if result.processed + len(result.dead_letters) >= count:
+                done.set()
+
+        @app.handler(topic, group=group, concurrency=8,
+                     retry=unibus.Retry(max_attempts=3, backoff=0.01, max_backoff=0.05))
+        async def process(delivery: unibus.Delivery) -> None:
+            result.handler_calls += 1
+            n = int(delivery.headers["n"])
+            if n == poison:
+                raise DemoPoisonError(f"order {n} is malformed: no retry will fix it")
+            if n % 10 == 3 and delivery.attempt == 1:
+                raise DemoTransientError(f"order {n}: the downstream service timed out")
+            result.processed += 1
+            result.latencies.append(time.perf_counter() - sent_at[delivery.id])
+            check_done()
+
+        async def read_dead_letters(sub: unibus.Subscription) -> None:
+            async for delivery in sub:
+                headers = delivery.headers
+                result.dead_letters.append({
+                    "id": delivery.id,
+                    "attempts": headers.get("unibus-attempts", "?"),
+                    "error_type": headers.get("unibus-error-type", "?"),
+                    "error": headers.get("unibus-error", "?"),
+                })
+                await delivery.ack()
+                check_done()
+
+        # The dead-letter consumer joins the group the App declares on that topic.
+        async with bus.subscribe(f"{topic}.{group}.dlq", group=group) as dlq_sub, app:
+            reader = asyncio.create_task(read_dead_letters(dlq_sub))
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout):
+                    for first in range(0, count, 100):
+                        batch = [unibus.Message(f'{{"order": {n}}}'.encode(),
+                                                key=f"customer-{n % 7}", headers={"n": str(n)})
+                                 for n in range(first, min(first + 100, count))]
+                        now = time.perf_counter()
+                        for message in batch:
+                            sent_at[message.id] = now
+                        await bus.publish_many(topic, batch)
+                        result.published += len(batch)
+                        # At most _DEMO_WINDOW messages in flight, so that the latencies
+                        # measure the pipeline, not a backlog the producer piled up.
+                        while (result.published - result.processed - len(result.dead_letters)
+                               > _DEMO_WINDOW and not app.stopped.is_set()):
+                            progress.clear()
+                            await _first(progress, app.stopped)
+                    await _first(done, app.stopped)
+                # A stopped App failed; leaving `async with app` raises its error.
+                result.finished = done.is_set()
+            except TimeoutError:
+                pass
+            finally:
+                result.seconds = time.perf_counter() - started
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+        stats = app.stats
+        result.retried = stats.retried
+        result.dead_lettered = stats.dead_lettered
+    return result
+
+
+@cli.command()
+def demo(
+    url: Annotated[str, typer.Option(help="Broker URL to run the demo on.")] = "memory://demo",
+    messages: Annotated[int, typer.Option(min=1, help="How many messages to publish.")] = 2000,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Give up after this many seconds.")
+                       ] = 30.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+) -> None:
+    """Run a producer → scheduler → consumer pipeline and show what flowed.
+
+    Every tenth message fails once (and is retried); one poison message fails every
+    time and is dead-lettered after 3 attempts.
+    """
+    logging.getLogger("unibus").addHandler(logging.NullHandler())
+    logging.getLogger("unibus").propagate = False
+    console = _stdout()
+    try:
+        shown = str(unibus.make_url(url))
+    except unibus.InvalidURL as exc:
+        _fail(str(exc))
+    if json_output:
+        result = _run(_demo(url, messages, timeout))
+    else:
+        with console.status(f"running the demo on {escape(shown)} ..."):
+            result = _run(_demo(url, messages, timeout))
+    latency = result.percentiles()
+    if json_output:
+        print(json.dumps({
+            "url": result.url, "topic": result.topic, "finished": result.finished,
+            "published": result.published, "handler_calls": result.handler_calls,
+            "processed": result.processed, "retried": result.retried,
+            "dead_lettered": result.dead_lettered, "seconds": round(result.seconds, 6),
+            "throughput": round(result.throughput, 1),
+            "latency_ms": {k: round(v, 3) for k, v in latency.items()},
+            "dead_letters": result.dead_letters,
+        }))
+    else:
+        table = Table(title=f"unibus demo on {escape(result.url)}", title_justify="left")
+        table.add_column("flow")
+        table.add_column("messages", justify="right")
+        table.add_row("published", f"{result.published:,}")
+        table.add_row("handler calls", f"{result.handler_calls:,}")
+        table.add_row("processed (acked)", f"{result.processed:,}")
+        table.add_row("retried", f"{result.retried:,}")
+        table.add_row("dead-lettered", f"{result.dead_lettered:,}")
+        console.print(table)
+        console.print(f"throughput: [bold]{result.throughput:,.0f}[/] msgs/s over "
+                      f"{result.seconds:.3f} s")
+        console.print("latency publish → processed: "
+                      + ", ".join(f"{k} {v:.2f} ms" for k, v in latency.items()))
+        for letter in result.dead_letters:
+            console.print(f"dead letter {escape(letter['id'])} after {letter['attempts']} "
+                          f"attempts: {escape(letter['error_type'])}: "
+                          f"{escape(letter['error'])}")
+    if not result.finished:
+        _fail(f"the demo did not finish within {timeout:g} s "
+              f"({result.processed + len(result.dead_letters)} of {messages} messages done)")
+
+
+# ------------------------------------------------------------------------ publish
+
+
+def _parse_headers(pairs: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--header")
+        headers[name] = value
+    return headers
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    for line in sys.stdin.buffer:
+        if line.endswith(b"\n"):
+            line = line[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+        yield line
+
+
+async def _publish(url: str | None, topic: str, bodies: Iterable[bytes], key: str | None,
+                   headers: dict[str, str], emit: Any) -> int:
+    published = 0
+    async with unibus.connect(url) as bus:
+        batch: list[unibus.Message] = []
+        for body in bodies:
+            batch.append(unibus.Message(body, key=key, headers=headers))
+            if len(batch) >= _PUBLISH_BATCH:
+                for message in await bus.publish_many(topic, batch):
+                    emit(message)
+                published += len(batch)
+                batch = []
+        if batch:
+            for message in await bus.publish_many(topic, batch):
+                emit(message)
+            published += len(batch)
+    return published
+
+
+@cli.command()
+def publish(
+    topic: Annotated[str, typer.Argument(help="The topic to publish to.")],
+    body: Annotated[str | None, typer.Argument(
+        help="The message body; without it, every line of stdin is one message.")] = None,
+    url: Annotated[str | None, typer.Option(help=_URL_HELP)] = None,
+    key: Annotated[str | None, typer.Option(help="Ordering key of the messages.")] = None,
+    header: Annotated[list[str] | None, typer.Option(
+        "--header", "-H", help="A header NAME=VALUE; repeat for more.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Publish BODY, or each line of stdin, to TOPIC and print the message ids."""
+    headers = _parse_headers(header or [])
+    if body is None and sys.stdin.isatty():
+        _fail("give a BODY or pipe messages on stdin, one per line", code=2)
+    bodies: Iterable[bytes] = [body.encode()] if body is not None else _stdin_lines()
+
+    def emit(message: unibus.Message) -> None:
+        if json_output:
+            print(json.dumps({"id": message.id, "topic": topic, "key": message.key}))
+        else:
+            print(message.id)
+
+    _run(_publish(url, topic, bodies, key, headers, emit))
+
+
+# ------------------------------------------------------------------------ consume
+
+
+def _delivery_json(delivery: unibus.Delivery) -> str:
+    record: dict[str, Any] = {
+        "id": delivery.id, "topic": delivery.topic, "group": delivery.group,
+        "attempt": delivery.attempt, "key": delivery.key, "headers": dict(delivery.headers),
+        "timestamp": delivery.message.timestamp.isoformat(),
+    }
+    try:
+        record["body"] = delivery.body.decode()
+    except UnicodeDecodeError:
+        record["body_base64"] = base64.b64encode(delivery.body).decode()
+    return json.dumps(record, ensure_ascii=False)
+
+
+async def _consume(url: str | None, topic: str, group: str | None, count: int | None,
+                   timeout: float | None, ack: bool, emit: Any) -> int:
+    received = 0
+    # Unacked deliveries stay held: let the prefetch cover every one that is asked for.
+    prefetch = count if count is not None and not ack else DEFAULT_PREFETCH
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    async with unibus.connect(url) as bus, bus.subscribe(topic, group=group,
+                                                          prefetch=prefetch) as sub:
+        while count is None or received < count:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            wanted = None if count is None else count - received
+            batch = await sub.fetch(wanted, remaining)
+            if not batch:
+                break
+            for delivery in batch:
+                emit(delivery)
+                if ack:
+                    await delivery.ack()
+            received += len(batch)
+    return received
+
+
+@cli.command()
+def consume(
+    topic: Annotated[str, typer.Argument(help="The topic to consume.")],
+    url: Annotated[str | None, typer.Option(help=_URL_HELP)] = None,
+    group: Annotated[str | None, typer.Option(
+        help="Consume through this durable group; without it, an ephemeral subscription "
+             "sees only what is published while it runs.")] = None,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after N messages.")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        min=0.0, help="Stop after S seconds; with --count, exit 1 if fewer arrived.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    no_ack: Annotated[bool, typer.Option(
+        "--no-ack", help="Leave the messages unsettled: they return to the group on exit."
+    )] = False,
+) -> None:
+    """Print the messages of TOPIC as they arrive (until Ctrl-C, --count or --timeout)."""
+    console = _stdout()
+
+    def emit(delivery: unibus.Delivery) -> None:
+        if json_output:
+            print(_delivery_json(delivery), flush=True)
+            return
+        body = delivery.body.decode(errors="backslashreplace")
+        extra = f" key={delivery.key}" if delivery.key is not None else ""
+        if delivery.attempt > 1:
+            extra += f" attempt={delivery.attempt}"
+        console.print(f"[dim]{escape(delivery.id)}{escape(extra)}[/] {escape(body)}")
+
+    received = _run(_consume(url, topic, group, count, timeout, not no_ack, emit))
+    if count is not None and received < count:
+        within = f" within {timeout:g} s" if timeout is not None else ""
+        _fail(f"received {received} of {count} messages{within}")
+
+
+def main() -> None:
+    """Entry point of the ``unibus`` script."""
+    cli()
