@@ -22,14 +22,13 @@ from unibus.capabilities import Capabilities
 from unibus.errors import BusClosed, InvalidName, MessageTooLarge, UnsupportedFeature
 from unibus.message import Delivery, Message
 from unibus.registry import resolve
-from unibus.spi import Adapter, Consumer
+from unibus.spi import DEFAULT_PREFETCH, Adapter, Consumer
 from unibus.url import URL, make_url
 
 __all__ = ["DEFAULT_PREFETCH", "Bus", "Subscription", "connect"]
 
 log = logging.getLogger("unibus")
 
-DEFAULT_PREFETCH = 64
 # Dot-separated segments of letters, digits, '_' and '-': valid as a RabbitMQ routing
 # key, a Kafka topic and a NATS subject token alike.
 _NAME = re.compile(r"(?=.{1,200}$)[A-Za-z0-9_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
@@ -240,8 +239,9 @@ class Bus:
                 raise ValueError(f"delay must be >= 0 seconds, got {delay}")
             return datetime.now(UTC) + timedelta(seconds=delay)
         assert not_before is not None
-        if not_before.tzinfo is None:
-            raise ValueError("not_before must be timezone-aware (UTC)")
+        # utcoffset(), not tzinfo: a tzinfo that knows no offset still makes a naive time.
+        if not isinstance(not_before, datetime) or not_before.utcoffset() is None:
+            raise ValueError("not_before must be a timezone-aware datetime (UTC)")
         return not_before
 
     async def declare_group(self, topic: str, group: str) -> None:

@@ -10,7 +10,14 @@ Contract for every adapter:
 - ``connect`` reaches the broker within the declared connect timeout or raises
   ``BrokerUnavailable``; refused credentials raise ``AuthenticationFailed`` at once.
 - No driver exception escapes any method: each maps to a ``UnibusError``.
-- Methods may be called concurrently from tasks of one event loop.
+- Methods may be called concurrently from tasks of one event loop. The core calls
+  ``connect`` once (concurrent first calls wait for it) and ``open_consumer`` once
+  per subscription, but ``aclose`` may come before ``connect``, while ``connect`` is
+  still in flight (the core then calls it again once ``connect`` returns), and more
+  than once: it must tolerate all three.
+- Arguments are validated by the core: names pass ``bus.check_name``, messages are
+  :class:`~unibus.message.Message` objects within ``max_message_size``, ``prefetch``
+  and ``max_count`` are at least 1, ``delay`` is finite and non-negative.
 - Nothing accepted is lost: ``publish`` returns only once every message is
   durably accepted (where ``capabilities.publish_confirms``), and unsettled
   deliveries of a closed consumer return to their group.
@@ -29,7 +36,10 @@ from unibus.message import Delivery, Message
 from unibus.options import Options
 from unibus.url import URL
 
-__all__ = ["Adapter", "Consumer"]
+__all__ = ["DEFAULT_PREFETCH", "Adapter", "Consumer"]
+
+#: The prefetch of subscriptions that give none, unless the adapter sets its own.
+DEFAULT_PREFETCH = 64
 
 
 class Consumer(ABC):
@@ -115,7 +125,7 @@ class Adapter(ABC):
     capabilities: Capabilities
     #: The prefetch of subscriptions that give none (``Bus.subscribe(prefetch=None)``);
     #: an adapter may take it from its URL.
-    default_prefetch: int = 64
+    default_prefetch: int = DEFAULT_PREFETCH
 
     def __init__(self, url: URL) -> None:
         """Validate ``url`` and its options. No I/O.
