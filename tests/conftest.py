@@ -5,11 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 
 import pytest
 
-RunPython = Callable[[str], "subprocess.CompletedProcess[str]"]
+from tests.helpers import RunPython
 
 
 @pytest.fixture

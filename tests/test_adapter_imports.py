@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-from collections.abc import Callable
 
 import pytest
 
+from tests.helpers import RunPython
 from unibus.registry import BUILTIN
-
-RunPython = Callable[[str], subprocess.CompletedProcess[str]]
 
 
 def _adapter_modules() -> list[object]:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Iterator, Sequence
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 import pytest
 
 import unibus
+from tests.helpers import NoOffset
 from unibus import (
     URL,
     AlreadySettled,
+    AuthenticationFailed,
     BrokerError,
+    BrokerUnavailable,
     BusClosed,
     Capabilities,
     Delivery,
+    DeliveryLost,
     InvalidMessage,
     InvalidName,
     InvalidURL,
@@ -110,6 +114,17 @@ async def test_non_bytes_item_in_a_batch_sends_none_of_it(bus: unibus.Bus) -> No
         await bus.publish_many(TOPIC, [b"ok", "not bytes"])  # type: ignore[list-item]
 
     assert await received(bus) == []
+
+
+@pytest.mark.parametrize("body", [b"one body", "one text"])
+async def test_publish_many_of_a_single_body_is_refused_pointing_to_publish(
+        bus: unibus.Bus, body: bytes | str) -> None:
+    with pytest.raises(InvalidMessage, match=r"use publish\(\) for a single body"):
+        await bus.publish_many(TOPIC, body)  # type: ignore[arg-type]
+
+    await bus.publish_many(TOPIC, [b"after"])
+
+    assert await received(bus) == [b"after"]
 
 
 @pytest.mark.parametrize(
@@ -235,6 +250,27 @@ async def test_settling_a_delivery_twice_raises_already_settled(
             await getattr(delivery, second)()
 
 
+async def test_a_refused_second_settlement_keeps_the_first_and_the_bus_stays_usable(
+        bus: unibus.Bus) -> None:
+    timings = bus.capabilities.timings
+    await bus.publish_many(TOPIC, [b"nacked", b"acked"])
+    async with bus.subscribe(TOPIC, group=GROUP) as sub:
+        by_body = {d.body: d for d in await sub.fetch(2, timings.delivery)}
+        await by_body[b"nacked"].nack()
+        with pytest.raises(AlreadySettled, match="each delivery settles exactly once"):
+            await by_body[b"nacked"].ack()
+        await by_body[b"acked"].ack()
+        with pytest.raises(AlreadySettled):
+            await by_body[b"acked"].nack()
+
+        again = await sub.fetch(10, timings.redelivery)
+        assert [(d.body, d.attempt) for d in again] == [(b"nacked", 2)]
+        await again[0].ack()
+
+    await bus.publish(TOPIC, b"after")
+    assert await received(bus) == [b"after"]
+
+
 # -- closed bus --------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -295,6 +331,40 @@ async def test_closing_the_bus_ends_its_subscriptions(bus: unibus.Bus) -> None:
     assert [d async for d in sub] == []
 
 
+async def test_a_closed_bus_loses_nothing_it_published_and_sends_nothing_more(
+        memory_url: str) -> None:
+    async with unibus.connect(memory_url) as keeper:
+        await keeper.declare_group(TOPIC, GROUP)
+        publisher = await unibus.connect(memory_url)
+        await publisher.publish(TOPIC, b"before close")
+        await publisher.aclose()
+
+        with pytest.raises(BusClosed, match="connect a new one"):
+            await publisher.publish(TOPIC, b"after close")
+
+        assert await received(keeper) == [b"before close"]
+
+
+async def test_settling_a_delivery_after_its_bus_closed_raises_delivery_lost_and_it_comes_back(
+        memory_url: str) -> None:
+    async with unibus.connect(memory_url) as keeper:
+        timings = keeper.capabilities.timings
+        await keeper.declare_group(TOPIC, GROUP)
+        consumer_bus = await unibus.connect(memory_url)
+        await keeper.publish(TOPIC, b"held")
+        sub = await consumer_bus.subscribe(TOPIC, group=GROUP)
+        [delivery] = await sub.fetch(1, timings.delivery)
+        await consumer_bus.aclose()
+
+        with pytest.raises(DeliveryLost, match="went back to its group"):
+            await delivery.ack()
+
+        async with keeper.subscribe(TOPIC, group=GROUP) as successor:
+            [back] = await successor.fetch(1, timings.redelivery)
+            await back.ack()
+        assert (back.id, back.attempt) == (delivery.id, 2)
+
+
 # -- URL ---------------------------------------------------------------------------------------
 
 def test_unknown_url_option_is_refused_naming_it(memory_url: str) -> None:
@@ -309,6 +379,23 @@ def test_unknown_url_option_is_refused_naming_it(memory_url: str) -> None:
 def test_invalid_url_option_value_is_refused_naming_it(memory_url: str, query: str) -> None:
     with pytest.raises(InvalidURL, match=query.partition("=")[0]):
         unibus.connect(f"{memory_url}?{query}")
+
+
+async def test_a_refused_url_neither_disturbs_nor_keeps_alive_the_broker_it_names(
+        memory_url: str) -> None:
+    async with unibus.connect(memory_url) as bus:
+        await bus.declare_group(TOPIC, GROUP)
+        with pytest.raises(InvalidURL, match="Did you mean 'max_message_size'"):
+            unibus.connect(f"{memory_url}?max_mesage_size=1")
+        with pytest.raises(AuthenticationFailed):
+            await unibus.connect(memory_url.replace("://", "://intruder:guess@")).open()
+
+        await bus.publish(TOPIC, b"after")
+        assert await received(bus) == [b"after"]
+
+    # The refused buses did not count as users: the broker went with its last real bus.
+    with pytest.raises(BrokerUnavailable):
+        await unibus.connect(f"{memory_url}?create=false").open()
 
 
 def test_bus_repr_masks_the_password(memory_url: str) -> None:
@@ -510,19 +597,6 @@ async def test_aclose_closes_the_connection_even_when_a_subscription_fails_to_cl
     assert not adapter.connected
 
 
-class _NoOffset(tzinfo):
-    """A tzinfo that knows no offset: such a datetime is naive, although tzinfo is set."""
-
-    def utcoffset(self, dt: datetime | None) -> timedelta | None:
-        return None
-
-    def dst(self, dt: datetime | None) -> timedelta | None:
-        return None
-
-    def tzname(self, dt: datetime | None) -> str | None:
-        return None
-
-
 async def test_not_before_with_a_tzinfo_that_knows_no_offset_is_refused(bus: unibus.Bus) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
-        await bus.publish(TOPIC, b"x", not_before=datetime(2030, 1, 1, tzinfo=_NoOffset()))
+        await bus.publish(TOPIC, b"x", not_before=datetime(2030, 1, 1, tzinfo=NoOffset()))

@@ -7,10 +7,11 @@ import math
 import pickle
 import time
 import uuid
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from tests.helpers import NoOffset
 from unibus import (
     AlreadySettled,
     Capabilities,
@@ -228,21 +229,8 @@ def test_given_aware_timestamp_is_kept() -> None:
     assert Message(b"", timestamp=stamp).timestamp == stamp
 
 
-class _NoOffset(tzinfo):
-    """A tzinfo that knows no offset: such a datetime is naive, although tzinfo is set."""
-
-    def utcoffset(self, dt: datetime | None) -> timedelta | None:
-        return None
-
-    def dst(self, dt: datetime | None) -> timedelta | None:
-        return None
-
-    def tzname(self, dt: datetime | None) -> str | None:
-        return None
-
-
 @pytest.mark.parametrize(
-    "stamp", [datetime(2030, 1, 1), datetime(2030, 1, 1, tzinfo=_NoOffset()), "2030-01-01", 0])
+    "stamp", [datetime(2030, 1, 1), datetime(2030, 1, 1, tzinfo=NoOffset()), "2030-01-01", 0])
 def test_naive_or_non_datetime_timestamp_is_invalid(stamp: object) -> None:
     with pytest.raises(InvalidMessage, match="timezone-aware"):
         Message(b"", timestamp=stamp)  # type: ignore[arg-type]

@@ -5,15 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import json
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import unibus
-
-RunPython = Callable[[str], subprocess.CompletedProcess[str]]
+from tests.helpers import RunPython
 
 #: The public API. Changing it is a decision: update this list and docs/decisions.md.
 EXPECTED_ALL = [

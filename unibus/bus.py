@@ -19,7 +19,13 @@ from types import TracebackType
 from typing import Any, Self
 
 from unibus.capabilities import Capabilities
-from unibus.errors import BusClosed, InvalidName, MessageTooLarge, UnsupportedFeature
+from unibus.errors import (
+    BusClosed,
+    InvalidMessage,
+    InvalidName,
+    MessageTooLarge,
+    UnsupportedFeature,
+)
 from unibus.message import Delivery, Message
 from unibus.registry import resolve
 from unibus.spi import DEFAULT_PREFETCH, Adapter, Consumer
@@ -198,7 +204,8 @@ class Bus:
         Raises:
             BusClosed: The bus is closed.
             InvalidName: The topic name is invalid.
-            InvalidMessage: A body is not bytes, or headers are not ``str → str``.
+            InvalidMessage: ``messages`` is a single body rather than an iterable of them,
+                a body is not bytes, or headers are not ``str → str``.
             MessageTooLarge: A body exceeds ``capabilities.max_message_size``.
             UnsupportedFeature: A delay was asked of an adapter without delayed delivery.
             PublishFailed: The broker refused or lost a message (their ids attached).
@@ -206,6 +213,11 @@ class Bus:
         """
         self._check_open()
         check_name("topic", topic)
+        if isinstance(messages, bytes | bytearray | memoryview | str):
+            # Iterating one body would yield ints or characters: say what was meant.
+            raise InvalidMessage(f"publish_many takes an iterable of messages or bodies, not "
+                                 f"one {type(messages).__name__}; use publish() for a single "
+                                 "body, or wrap it in a list")
         batch = [m if type(m) is Message else self._coerce(m) for m in messages]
         limit = self._max_size
         for m in batch:

@@ -42,16 +42,13 @@ Capabilities
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-import time
-from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from typing import ClassVar
 
+from unibus._memory_broker import Entry, Group, Member, MemoryBroker
 from unibus.capabilities import Capabilities, Ordering, RedeliveryOrder, Support, Timings
-from unibus.errors import AuthenticationFailed, BrokerUnavailable, DeliveryLost, InvalidURL
+from unibus.errors import BrokerUnavailable, DeliveryLost, InvalidURL
 from unibus.message import Delivery, Message
 from unibus.options import Option, Options
 from unibus.spi import Adapter, Consumer
@@ -63,207 +60,16 @@ _TIMINGS = Timings(delivery=1.0, redelivery=1.0, delay_slack=0.5, connect_timeou
                    recovery=1.0)
 
 
-class _Entry:
-    """One message queued in one group (each group counts its own deliveries)."""
-
-    __slots__ = ("deliveries", "message", "seq", "topic")
-
-    def __init__(self, message: Message, topic: str, seq: int) -> None:
-        self.message = message
-        self.topic = topic
-        self.seq = seq
-        self.deliveries = 0
-
-
-class _Group:
-    """A group on one topic: ready entries, members, and which member owns each key."""
-
-    __slots__ = ("durable", "members", "name", "owners", "ready", "topic")
-
-    def __init__(self, topic: str, name: str, *, durable: bool) -> None:
-        self.topic = topic
-        self.name = name
-        self.durable = durable
-        self.ready: deque[_Entry] = deque()
-        self.members: list[_Member] = []
-        # A key belongs to the member holding (in flight or assigned) entries of it,
-        # so messages of one key are never processed by two consumers at once.
-        self.owners: dict[str, _Member] = {}
-
-    def wake(self) -> None:
-        for member in self.members:
-            member.consumer.wake()
-
-
-class _Member:
-    """One consumer's attachment to one group."""
-
-    __slots__ = ("assigned", "consumer", "group", "held")
-
-    def __init__(self, consumer: _MemoryConsumer, group: _Group) -> None:
-        self.consumer = consumer
-        self.group = group
-        self.assigned: deque[_Entry] = deque()   # entries of keys this member owns
-        self.held: dict[str, int] = {}          # key → entries held (in flight + assigned)
-
-    def release(self, key: str) -> None:
-        count = self.held[key] - 1
-        if count:
-            self.held[key] = count
-        else:
-            del self.held[key]
-            del self.group.owners[key]
-
-
-class _Topic:
-    __slots__ = ("dedup", "groups")
-
-    def __init__(self) -> None:
-        self.groups: dict[str, _Group] = {}
-        self.dedup: dict[str, float] = {}   # message id → expiry; insertion order = expiry order
-
-
-class MemoryBroker:
-    """The broker behind every ``memory://NAME`` bus of one NAME."""
-
-    _brokers: ClassVar[dict[str, MemoryBroker]] = {}
-
-    def __init__(self, name: str, credentials: tuple[str | None, str | None]) -> None:
-        self.name = name
-        self.credentials = credentials
-        self.topics: dict[str, _Topic] = {}
-        self.buses = 0
-        self._seq = itertools.count()
-        self._delayed: list[tuple[float, int, _Group, _Entry]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = float("inf")
-
-    @classmethod
-    def attach(cls, name: str, credentials: tuple[str | None, str | None], *,
-               create: bool) -> MemoryBroker:
-        """Return the broker ``name``, creating it if allowed; count one more bus.
-
-        Raises:
-            BrokerUnavailable: It does not exist and ``create`` is false.
-            AuthenticationFailed: It exists with other credentials.
-        """
-        broker = cls._brokers.get(name)
-        if broker is None:
-            if not create:
-                raise BrokerUnavailable(f"no memory broker named {name!r} is running "
-                                        "(create=false); connect one without create=false first")
-            broker = cls._brokers[name] = MemoryBroker(name, credentials)
-        elif broker.credentials != credentials:
-            raise AuthenticationFailed(f"memory broker {name!r} refused the credentials of "
-                                       f"user {credentials[0]!r}")
-        broker.buses += 1
-        return broker
-
-    def detach(self) -> None:
-        """Count one bus less; the last one tears the broker down."""
-        self.buses -= 1
-        if self.buses <= 0:
-            if self._timer is not None:
-                self._timer.cancel()
-            if MemoryBroker._brokers.get(self.name) is self:
-                del MemoryBroker._brokers[self.name]
-
-    def topic(self, name: str) -> _Topic:
-        topic = self.topics.get(name)
-        if topic is None:
-            topic = self.topics[name] = _Topic()
-        return topic
-
-    def group(self, topic: str, name: str) -> _Group:
-        groups = self.topic(topic).groups
-        group = groups.get(name)
-        if group is None:
-            group = groups[name] = _Group(topic, name, durable=True)
-        return group
-
-    def publish(self, topic_name: str, messages: Sequence[Message], due: float | None,
-                dedup_window: float) -> None:
-        topic = self.topic(topic_name)
-        if dedup_window > 0:
-            messages = self._dedup(topic, messages, dedup_window)
-        groups = topic.groups.values()
-        if not groups or not messages:
-            return
-        seq = self._seq
-        if due is not None and due > time.time():
-            for group in groups:
-                for message in messages:
-                    self._schedule(due, group, _Entry(message, topic_name, next(seq)))
-            return
-        for group in groups:
-            group.ready.extend([_Entry(m, topic_name, next(seq)) for m in messages])
-            group.wake()
-
-    @staticmethod
-    def _dedup(topic: _Topic, messages: Sequence[Message], window: float) -> list[Message]:
-        seen = topic.dedup
-        now = time.monotonic()
-        while seen:
-            oldest = next(iter(seen))
-            if seen[oldest] > now:
-                break
-            del seen[oldest]
-        fresh = []
-        expiry = now + window
-        for message in messages:
-            if message.id not in seen:
-                seen[message.id] = expiry
-                fresh.append(message)
-        return fresh
-
-    def requeue(self, group: _Group, entry: _Entry, delay: float) -> None:
-        if delay > 0:
-            self._schedule(time.time() + delay, group, entry)
-        else:
-            group.ready.append(entry)
-            group.wake()
-
-    def _schedule(self, due: float, group: _Group, entry: _Entry) -> None:
-        heapq.heappush(self._delayed, (due, entry.seq, group, entry))
-        if due < self._timer_due:
-            self._arm(due)
-
-    def _arm(self, due: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_due = due
-        # The timer may fire a hair early on the monotonic clock: _fire re-checks the
-        # wall clock, which is what "not before" is measured against.
-        self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, due - time.time()), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._timer_due = float("inf")
-        now = time.time()
-        delayed = self._delayed
-        woken: set[_Group] = set()
-        while delayed and delayed[0][0] <= now:
-            _, _, group, entry = heapq.heappop(delayed)
-            if group.durable or group.members:
-                group.ready.append(entry)
-                woken.add(group)
-        for group in woken:
-            group.wake()
-        if delayed:
-            self._arm(delayed[0][0])
-
-
 class _MemoryConsumer(Consumer):
-    def __init__(self, adapter: MemoryAdapter, groups: list[_Group], prefetch: int,
+    def __init__(self, adapter: MemoryAdapter, groups: list[Group], prefetch: int,
                  dead_letter: str | None) -> None:
         self.capabilities = adapter.capabilities
         self._adapter = adapter
         self._broker = adapter.broker
         self._prefetch = prefetch
         self._dead_letter = dead_letter
-        self._members = [_Member(self, g) for g in groups]
-        self._unsettled: dict[_Entry, _Member] = {}
+        self._members = [Member(self, g) for g in groups]
+        self._unsettled: dict[Entry, Member] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._next = 0
@@ -291,7 +97,7 @@ class _MemoryConsumer(Consumer):
         self._next = (self._next + 1) % count
         return out
 
-    def _take_from(self, member: _Member, room: int, out: list[Delivery]) -> int:
+    def _take_from(self, member: Member, room: int, out: list[Delivery]) -> int:
         group = member.group
         unsettled = self._unsettled
         taken = 0
@@ -331,7 +137,7 @@ class _MemoryConsumer(Consumer):
         return taken
 
     @staticmethod
-    def _group_name(group: _Group) -> str | None:
+    def _group_name(group: Group) -> str | None:
         return group.name if group.durable else None
 
     async def fetch(self, max_count: int, timeout: float | None) -> list[Delivery]:
@@ -358,8 +164,8 @@ class _MemoryConsumer(Consumer):
                     self._waiters.remove(waiter)
         return []
 
-    def _settle(self, delivery: Delivery) -> tuple[_Entry, _Member]:
-        entry: _Entry = delivery.token
+    def _settle(self, delivery: Delivery) -> tuple[Entry, Member]:
+        entry: Entry = delivery.token
         member = self._unsettled.pop(entry, None)
         if member is None:
             raise DeliveryLost(f"message {delivery.id} can no longer be settled: its consumer "
@@ -388,7 +194,7 @@ class _MemoryConsumer(Consumer):
             return
         self._closed = True
         self.wake()
-        returned: dict[_Group, list[_Entry]] = {}
+        returned: dict[Group, list[Entry]] = {}
         for entry, member in self._unsettled.items():
             returned.setdefault(member.group, []).append(entry)
         self._unsettled.clear()
@@ -402,7 +208,7 @@ class _MemoryConsumer(Consumer):
             entries.extend(member.assigned)
             member.assigned.clear()
             if not group.durable:
-                self._broker.topic(group.topic).groups.pop(group.name, None)
+                self._broker.drop_group(group)
                 continue
             # Back to the front, oldest first, so a lost consumer keeps key order.
             entries.sort(key=lambda e: e.seq)
@@ -474,12 +280,10 @@ class MemoryAdapter(Adapter):
     async def open_consumer(self, topics: Sequence[str], group: str | None, *, prefetch: int,
                             dead_letter: str | None) -> Consumer:
         broker = self.broker
-        groups: list[_Group] = []
+        groups: list[Group] = []
         for topic in topics:
             if group is None:
-                ephemeral = _Group(topic, f"~{next(broker._seq)}", durable=False)
-                broker.topic(topic).groups[ephemeral.name] = ephemeral
-                groups.append(ephemeral)
+                groups.append(broker.ephemeral_group(topic))
             else:
                 groups.append(broker.group(topic, group))
         consumer = _MemoryConsumer(self, groups, prefetch, dead_letter)

@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import docker
+import docker.errors
 import pytest
 
 from unibus_contract.broker_fixtures import new_topic_name
@@ -30,6 +32,7 @@ from unibus_contract.provision import (
     BrokerSpec,
     Layout,
     NetworkMode,
+    image_unavailable_reason,
     network_mode,
 )
 
@@ -120,6 +123,66 @@ def test_image_override_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
     assert NATS.image == "nats:2"
     monkeypatch.setenv("UNIBUS_IMAGE_NATS", "unibus-local/nats:2.15.1")
     assert NATS.image == "unibus-local/nats:2.15.1"
+
+
+class _Images:
+    """The ``images`` API of a Docker engine that has ``local`` and can pull ``pullable``."""
+
+    def __init__(self, local: set[str], pullable: set[str]) -> None:
+        self.local = local
+        self.pullable = pullable
+        self.pulled: list[str] = []
+
+    def get(self, image: str) -> object:
+        if image not in self.local:
+            raise docker.errors.ImageNotFound(f"No such image: {image}")
+        return object()
+
+    def pull(self, image: str) -> object:
+        self.pulled.append(image)
+        if image not in self.pullable:
+            raise docker.errors.APIError("500 Server Error",
+                                         explanation="registry-1.docker.io: no such host")
+        self.local.add(image)
+        return object()
+
+
+class _Engine:
+    def __init__(self, images: _Images) -> None:
+        self.images = images
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> _Engine:
+    """A stand-in Docker engine with the local image ``here:1`` that can pull ``remote:1``."""
+    fake = _Engine(_Images(local={"here:1"}, pullable={"remote:1"}))
+    monkeypatch.setattr(docker, "from_env", lambda: fake)
+    return fake
+
+
+def test_an_image_neither_local_nor_pullable_is_one_reason_with_the_way_out(
+    engine: _Engine,
+) -> None:
+    reason = image_unavailable_reason("nowhere:1")
+    assert reason is not None
+    assert "nowhere:1" in reason
+    assert "no such host" in reason
+    assert "python -m unibus_contract.images" in reason
+    assert "UNIBUS_IMAGE_*" in reason
+    assert engine.closed
+
+
+@pytest.mark.parametrize(("image", "pulls"), [("here:1", []), ("remote:1", ["remote:1"])])
+def test_a_local_or_pullable_image_is_available(
+    engine: _Engine, image: str, pulls: list[str]
+) -> None:
+    assert image_unavailable_reason(image) is None
+    assert engine.images.pulled == pulls
+    assert engine.closed
 
 
 # --- Real brokers -----------------------------------------------------------------------

@@ -13,7 +13,8 @@ Function-scoped:
   :func:`new_topic_name` for more in one test.
 
 Without a Docker engine every test using a broker fixture is skipped with one
-reason; with ``UNIBUS_REQUIRE_BROKERS=1`` it fails instead. The marker
+reason, and so is every test of a broker whose image the engine neither has nor can
+pull; with ``UNIBUS_REQUIRE_BROKERS=1`` it fails instead. The marker
 ``broker`` labels tests that need a real broker (``-m "not broker"`` deselects
 them). At the end of the session the terminal summary lists each broker's
 image, URL and start-to-ready seconds.
@@ -34,6 +35,7 @@ from unibus_contract.provision import (
     brokers_required,
     docker_unavailable_reason,
     engine_info,
+    image_unavailable_reason,
     launch,
     network_mode,
 )
@@ -107,13 +109,14 @@ def fresh_topic() -> str:
 
 
 def _broker(name: str) -> Iterator[Broker]:
-    reason = docker_unavailable_reason()
+    spec = SPECS[name]
+    reason = docker_unavailable_reason() or image_unavailable_reason(spec.image)
     if reason is not None:
         if brokers_required():
             pytest.fail(f"{reason}; UNIBUS_REQUIRE_BROKERS=1 makes this a failure", pytrace=False)
         pytest.skip(f"{reason}; set UNIBUS_REQUIRE_BROKERS=1 to fail instead of skipping")
     mode = network_mode(has_bridge=engine_info().has_bridge)
-    broker = launch(SPECS[name], mode=mode)
+    broker = launch(spec, mode=mode)
     _launched.append(broker)
     try:
         yield broker

@@ -16,7 +16,8 @@ Environment:
 * ``UNIBUS_CONTAINER_NETWORK``: ``ports`` (publish the client port on 127.0.0.1),
   ``host`` (share the host network, bind 127.0.0.1), or ``auto``/unset: ``ports``
   unless the engine has no bridge network.
-* ``UNIBUS_REQUIRE_BROKERS=1``: fail, instead of skip, when Docker is missing.
+* ``UNIBUS_REQUIRE_BROKERS=1``: fail, instead of skip, when Docker or a broker's image
+  (neither on the engine nor pullable) is missing.
 
 Importing this package needs none of testcontainers, docker or the broker client
 libraries: they are imported when a broker is started or probed.
@@ -27,6 +28,7 @@ from unibus_contract.provision.engine import (
     brokers_required,
     docker_unavailable_reason,
     engine_info,
+    image_unavailable_reason,
 )
 from unibus_contract.provision.specs import (
     KAFKA,
@@ -53,6 +55,7 @@ __all__ = [
     "brokers_required",
     "docker_unavailable_reason",
     "engine_info",
+    "image_unavailable_reason",
     "launch",
     "network_mode",
 ]

@@ -1,8 +1,10 @@
 """Is there a Docker engine to run real brokers on, and must there be?
 
 Without an engine (a laptop), real-broker tests skip with one reason, the one
-:func:`docker_unavailable_reason` gives. ``UNIBUS_REQUIRE_BROKERS=1`` (CI) turns
-that skip into a failure: a broker that cannot be started never passes silently.
+:func:`docker_unavailable_reason` gives; likewise, per broker, when the engine has
+no image for it and cannot pull one (:func:`image_unavailable_reason`: no registry
+access). ``UNIBUS_REQUIRE_BROKERS=1`` (CI) turns that skip into a failure: a broker
+that cannot be started never passes silently.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import os
 import warnings
 from typing import Any
 
-__all__ = ["EngineInfo", "brokers_required", "docker_unavailable_reason", "engine_info"]
+__all__ = [
+    "EngineInfo",
+    "brokers_required",
+    "docker_unavailable_reason",
+    "engine_info",
+    "image_unavailable_reason",
+]
 
 _HINT = "real-broker tests need a running Docker engine (see docs/brokers.md)"
 
@@ -95,3 +103,36 @@ def docker_unavailable_reason() -> str | None:
     """
     info = engine_info()
     return None if info.reachable else f"{info.reason}: {_HINT}"
+
+
+def image_unavailable_reason(image: str) -> str | None:
+    """Why the engine cannot run ``image``, or None when it has it or could pull it.
+
+    Pulling here rather than leaving it to testcontainers turns a machine without
+    registry access into one skip reason instead of a Docker traceback per test.
+
+    Args:
+        image: The image reference, e.g. ``rabbitmq:4``.
+
+    Returns:
+        A sentence naming the image, the engine's answer and the way out, or None.
+    """
+    import docker
+    import docker.errors
+
+    client = docker.from_env()
+    try:
+        try:
+            client.images.get(image)
+            return None
+        except docker.errors.ImageNotFound:
+            pass
+        try:
+            client.images.pull(image)
+        except docker.errors.APIError as exc:
+            return (f"image {image} is not on this Docker engine and could not be pulled "
+                    f"({exc.explanation or exc}); build local stand-ins with `uv run python "
+                    "-m unibus_contract.images` and set UNIBUS_IMAGE_* (see docs/brokers.md)")
+        return None
+    finally:
+        client.close()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from unibus import Bus, Ordering, Subscription
 from unibus_contract.context import Collected, Contract, Handler, ack
 
-__all__ = ["SCHEDULING_SLACK", "Attached", "attached", "sentinel_then_quiet"]
+__all__ = ["SCHEDULING_SLACK", "Attached", "attached", "returned_to", "sentinel_then_quiet"]
 
 #: Allowance for the test's own event loop when comparing an elapsed time with a
 #: declared bound (task switches, the collector's polling). Never used to make an
@@ -58,3 +58,19 @@ async def sentinel_then_quiet(contract: Contract, bus: Bus, topic: str,
         got.arrivals.extend((await contract.collect_for(subs, handle=handle)).arrivals)
     got.arrivals[:] = [a for a in got.arrivals if a.delivery.id != sentinel.id]
     return got
+
+
+async def returned_to(contract: Contract, successor: Subscription, count: int, *,
+                      absence: str) -> Collected | None:
+    """Collect the ``count`` unsettled messages a consumer gave back, at ``successor``.
+
+    Waits the declared redelivery plus delivery time. Where the adapter declares no
+    redelivery, asserts instead that nothing comes back in that window, records
+    ``absence`` as the declared absence and returns None.
+    """
+    window = contract.timings.redelivery + contract.timings.delivery
+    if not contract.capabilities.redelivery:
+        assert (await contract.collect_for(successor, window)).ids == []
+        contract.declared_absent(absence)
+        return None
+    return await contract.collect(successor, count, timeout=window)

@@ -9,10 +9,17 @@ import pytest
 
 from unibus import AlreadySettled, Delivery, UnsupportedFeature
 from unibus_contract.context import Contract, keep
-from unibus_contract.scenarios._support import SCHEDULING_SLACK, attached, sentinel_then_quiet
+from unibus_contract.scenarios._support import (
+    SCHEDULING_SLACK,
+    attached,
+    returned_to,
+    sentinel_then_quiet,
+)
 
 pytestmark = pytest.mark.asyncio
 
+_NOT_RETURNED = ("redelivery=False: unsettled deliveries of a closed consumer are not "
+                 "redelivered")
 _NO_REDELIVERY = ("redelivery=False: nack raises UnsupportedFeature and leaves the delivery "
                   "unsettled")
 
@@ -216,13 +223,9 @@ async def test_unsettled_deliveries_of_a_closed_consumer_go_to_the_next_consumer
     assert held.missing([m.id for m in sent]) == []
     await first.aclose()
     second = await contract.subscribe(await contract.bus(), topic, group=group)
-    window = contract.timings.redelivery + contract.timings.delivery
-    if not contract.capabilities.redelivery:
-        assert (await contract.collect_for(second, window)).ids == []
-        contract.declared_absent("redelivery=False: unsettled deliveries of a closed consumer "
-                                 "are not redelivered")
+    got = await returned_to(contract, second, len(sent), absence=_NOT_RETURNED)
+    if got is None:
         return
-    got = await contract.collect(second, len(sent), timeout=window)
     assert got.missing([m.id for m in sent]) == [], "unsettled deliveries were lost"
 
 
@@ -237,13 +240,9 @@ async def test_unsettled_deliveries_go_to_a_consumer_already_attached(
     assert held.missing([m.id for m in sent]) == []
     second = await contract.subscribe(bus, topic, group=group)
     await first.aclose()
-    window = contract.timings.redelivery + contract.timings.delivery
-    if not contract.capabilities.redelivery:
-        assert (await contract.collect_for(second, window)).ids == []
-        contract.declared_absent("redelivery=False: unsettled deliveries of a closed consumer "
-                                 "are not redelivered")
+    got = await returned_to(contract, second, len(sent), absence=_NOT_RETURNED)
+    if got is None:
         return
-    got = await contract.collect(second, len(sent), timeout=window)
     assert got.missing([m.id for m in sent]) == []
 
 
