@@ -87,8 +87,14 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show unibus and driver log lines.")] = False,
 ) -> None:
     """One producer / consumer / scheduler API over RabbitMQ, Kafka, NATS and memory."""
+    # Drivers log their reconnect attempts as warnings; the CLI reports the outcome
+    # itself (one red line), so their lines are shown only on request.
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 # --------------------------------------------------------------------------- demo
