@@ -42,9 +42,11 @@ async def sentinel_then_quiet(contract: Contract, bus: Bus, topic: str,
                               handle: Handler = ack) -> Collected:
     """Publish a sentinel and collect until it arrives, then watch a quiet window.
 
-    The sentinel is the barrier: what was going to arrive before it has. Where
-    the adapter keeps no publish order, a quiet window of the declared delivery
-    time follows, so that a late straggler is caught as well.
+    The sentinel is the barrier: where a single consumer sees total publish order
+    (``Ordering.SINGLE_CONSUMER``), what was going to arrive before it has. Under
+    per-key order (keyless messages spread over partitions) or no order, the
+    sentinel can overtake earlier messages, so a quiet window of the declared
+    delivery time follows, and a late straggler is caught as well.
 
     Returns:
         Everything collected, the sentinel excluded.
@@ -54,7 +56,7 @@ async def sentinel_then_quiet(contract: Contract, bus: Bus, topic: str,
     assert sentinel.id in got.ids, (
         f"the sentinel did not arrive within the declared delivery time "
         f"({contract.timings.delivery}s)")
-    if contract.capabilities.ordering is Ordering.NONE:
+    if contract.capabilities.ordering is not Ordering.SINGLE_CONSUMER:
         got.arrivals.extend((await contract.collect_for(subs, handle=handle)).arrivals)
     got.arrivals[:] = [a for a in got.arrivals if a.delivery.id != sentinel.id]
     return got

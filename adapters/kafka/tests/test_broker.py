@@ -1,0 +1,127 @@
+"""Kafka-specific behaviour on a real broker (beyond the contract suite)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+import unibus
+from unibus.errors import BrokerUnavailable, DeliveryLost, PublishFailed, UnibusError
+
+pytestmark = pytest.mark.broker
+
+
+def fresh(label: str) -> str:
+    return f"kt-{label}-{uuid.uuid4().hex[:12]}"
+
+
+async def test_publish_many_confirms_every_message_and_a_group_gets_them_all(
+        kafka_url: str) -> None:
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish_many(topic, [unibus.Message(b"x" * 256, key=f"k{i % 7}")
+                                              for i in range(3000)])
+        async with bus.subscribe(topic, group=group, prefetch=500) as sub:
+            seen: set[str] = set()
+            deadline = time.monotonic() + 30
+            while len(seen) < len(sent) and time.monotonic() < deadline:
+                for delivery in await sub.fetch(timeout=1):
+                    seen.add(delivery.id)
+                    await delivery.ack()
+    assert seen == {m.id for m in sent}
+
+
+async def test_settling_after_close_raises_delivery_lost_and_the_group_gets_it_back(
+        kafka_url: str) -> None:
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish(topic, b"held")
+        sub = await bus.subscribe(topic, group=group).open()
+        [delivery] = await sub.fetch(1, timeout=10)
+        await sub.aclose()
+        with pytest.raises(DeliveryLost):
+            await delivery.ack()
+        async with bus.subscribe(topic, group=group) as again:
+            [back] = await again.fetch(1, timeout=10)
+            assert back.id == sent.id
+            await back.ack()
+
+
+async def test_an_unreachable_bootstrap_list_fails_within_the_connect_timeout() -> None:
+    bus = unibus.connect("kafka://127.0.0.1:1,127.0.0.1:2?connect_timeout=1")
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await bus.open()
+    assert time.monotonic() - started < bus.capabilities.timings.connect_timeout + 0.25
+    await bus.aclose()
+
+
+async def test_a_sasl_password_refused_never_reaches_errors_or_logs(
+        kafka_broker: Any, caplog: pytest.LogCaptureFixture) -> None:
+    secret = f"never-log-{uuid.uuid4().hex}"
+    url = str(kafka_broker.url).replace("kafka://", f"kafka://app:{secret}@")
+    with caplog.at_level(logging.DEBUG):
+        bus = unibus.connect(f"{url}?connect_timeout=3")
+        with pytest.raises(UnibusError) as refused:
+            await bus.open()
+        await bus.aclose()
+    assert secret not in str(refused.value)
+    assert secret not in repr(bus)
+    assert all(secret not in record.getMessage() for record in caplog.records)
+
+
+async def test_a_record_over_the_driver_limit_is_publish_failed_with_its_id(
+        kafka_url: str) -> None:
+    topic = fresh("t")
+    async with unibus.connect(f"{kafka_url}&message_max_bytes=40000") as bus:
+        limit = bus.capabilities.max_message_size
+        # Headers count against the record size too: fill them past the driver's limit.
+        headers = {f"h{i}": "v" * 1000 for i in range(40)}
+        message = unibus.Message(b"x" * limit, headers=headers)
+        with pytest.raises(PublishFailed) as failed:
+            await bus.publish_many(topic, [message])
+        assert failed.value.message_ids == (message.id,)
+
+
+async def test_an_ephemeral_subscription_is_positioned_when_open_returns(
+        kafka_url: str) -> None:
+    topic = fresh("t")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.publish(topic, b"before")
+        async with bus.subscribe(topic) as sub:
+            after = await bus.publish(topic, b"after")
+            got = await sub.fetch(10, timeout=bus.capabilities.timings.delivery)
+            assert [d.id for d in got] == [after.id]
+
+
+async def test_nack_goes_through_the_retry_lane_with_attempt_and_delay(kafka_url: str) -> None:
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish(topic, b"again", key="k", headers={"h": "1"})
+        async with bus.subscribe(topic, group=group) as sub:
+            [first] = await sub.fetch(1, timeout=10)
+            nacked = time.monotonic()
+            await first.nack(delay=0.5)
+            [second] = await sub.fetch(1, timeout=10)
+            waited = time.monotonic() - nacked
+            assert (second.id, second.topic, second.attempt) == (sent.id, topic, 2)
+            assert (second.key, dict(second.headers)) == ("k", {"h": "1"})
+            assert waited >= 0.5
+            await second.ack()
+            assert await sub.fetch(1, timeout=1.0) == []
+
+
+async def test_many_concurrent_publishers_share_one_producer(kafka_url: str) -> None:
+    topic = fresh("t")
+    async with unibus.connect(kafka_url) as bus:
+        results = await asyncio.gather(*(bus.publish(topic, f"{i}".encode())
+                                         for i in range(200)))
+    assert len({m.id for m in results}) == 200

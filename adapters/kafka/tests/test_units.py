@@ -1,0 +1,177 @@
+"""Broker-free units: import without the driver, error mapping, offsets, the record codec."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from unibus.errors import (
+    AuthenticationFailed,
+    BrokerError,
+    BrokerTimeout,
+    BrokerUnavailable,
+    InvalidURL,
+    PublishFailed,
+    UnibusError,
+)
+from unibus.message import Message
+from unibus_kafka._codec import decode, encode_headers
+from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
+from unibus_kafka._offsets import PartitionState
+
+
+def test_the_package_imports_without_its_driver() -> None:
+    code = ("import sys; sys.modules['confluent_kafka'] = None\n"
+            "import unibus_kafka, unibus\n"
+            "from unibus.url import make_url\n"
+            "adapter = unibus_kafka.KafkaAdapter(make_url('kafka://127.0.0.1:1'))\n"
+            "assert adapter.capabilities.name == 'kafka'\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    (KafkaError._TRANSPORT, BrokerUnavailable),
+    (KafkaError._ALL_BROKERS_DOWN, BrokerUnavailable),
+    (KafkaError._AUTHENTICATION, AuthenticationFailed),
+    (KafkaError.SASL_AUTHENTICATION_FAILED, AuthenticationFailed),
+    (KafkaError._TIMED_OUT, BrokerTimeout),
+    (KafkaError._INVALID_ARG, InvalidURL),
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, BrokerError),
+    (KafkaError.UNKNOWN, BrokerError),
+])
+def test_every_kafka_exception_maps_to_a_unibus_error(code: int,
+                                                      expected: type[UnibusError]) -> None:
+    with pytest.raises(expected) as caught, map_errors("doing x"):
+        raise KafkaException(KafkaError(code, "driver says no"))
+    assert "doing x" in str(caught.value)
+    assert not isinstance(caught.value, KafkaException)
+
+
+def test_driver_value_errors_and_full_queues_map_too() -> None:
+    with pytest.raises(InvalidURL), map_errors("configuring"):
+        raise ValueError("No such configuration property: foo")
+    with pytest.raises(PublishFailed), map_errors("producing"):
+        raise BufferError("Local: Queue full")
+
+
+def test_a_failed_delivery_is_publish_failed_with_the_ids() -> None:
+    error = to_unibus(KafkaError(KafkaError._MSG_TIMED_OUT), "publishing", message_ids=("m1",))
+    assert isinstance(error, PublishFailed)
+    assert error.message_ids == ("m1",)
+
+
+def test_secrets_are_scrubbed_from_driver_texts_and_log_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    scrub = Scrubber("hunter2", None)
+    with pytest.raises(BrokerError) as caught, map_errors("connecting", scrub):
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN, "bad password hunter2"))
+    assert "hunter2" not in str(caught.value)
+    with caplog.at_level(logging.DEBUG, logger="unibus.kafka.driver"):
+        DriverLog(scrub).log(logging.ERROR, "FAIL %s", "sasl hunter2")
+    assert caplog.records
+    assert all("hunter2" not in r.getMessage() for r in caplog.records)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
+
+
+# -- offsets ---------------------------------------------------------------------------
+
+
+def test_commit_advances_only_over_the_contiguous_settled_prefix() -> None:
+    state = PartitionState("t", 0)
+    for offset in (10, 11, 12, 15, 16):   # gaps: compaction or transaction markers
+        state.fetched(offset)
+    state.settle(12)
+    state.settle(15)
+    assert state.commit_to == -1
+    state.settle(10)
+    assert state.commit_to == 11
+    state.settle(11)
+    assert state.commit_to == 16          # 10, 11, 12 and 15 settled; 16 is next
+    assert state.unsettled == 1
+    state.settle(16)
+    assert state.commit_to == 17
+    assert state.unsettled == 0
+
+
+def test_dirty_tracks_what_was_sent_in_a_commit() -> None:
+    state = PartitionState("t", 3)
+    state.fetched(0)
+    seen = [state.dirty]
+    state.settle(0)
+    seen.append(state.dirty)
+    state.committed = state.commit_to
+    seen.append(state.dirty)
+    assert seen == [False, True, False]
+    state.settle(0)                       # a stale duplicate changes nothing
+    assert state.commit_to == 1
+
+
+# -- codec -----------------------------------------------------------------------------
+
+
+class FakeRecord:
+    """The parts of ``confluent_kafka.Message`` that :func:`decode` reads."""
+
+    def __init__(self, value: bytes | None, key: bytes | None,
+                 headers: list[tuple[str, bytes]] | None) -> None:
+        self._value, self._key, self._headers = value, key, headers
+
+    def topic(self) -> str:
+        return "orders"
+
+    def partition(self) -> int:
+        return 2
+
+    def offset(self) -> int:
+        return 41
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_123)
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
+
+
+def test_records_round_trip_ids_timestamps_keys_and_reserved_header_names() -> None:
+    message = Message(b"\x00\xff", key="cust-7",
+                      headers={"unibus.id": "user's own", "é": "", "plain": "v"},
+                      timestamp=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+    headers = encode_headers(message, [("unibus.attempt", "3")])
+    record = decode(FakeRecord(message.body, b"cust-7", headers))
+    got = record.message
+    assert (got.id, got.body, got.key, got.timestamp) == (
+        message.id, message.body, message.key, message.timestamp)
+    assert dict(got.headers) == dict(message.headers)
+    assert record.attempt == 3
+    assert record.topic == "orders"
+    assert record.source == ("orders", 2, 41)
+
+
+def test_a_foreign_record_gets_a_positional_id_and_the_broker_timestamp() -> None:
+    record = decode(FakeRecord(None, None, None))
+    assert record.message.id == "orders/2/41"
+    assert record.message.body == b""
+    assert record.message.key is None
+    assert record.message.timestamp == datetime.fromtimestamp(1_700_000_000.123, UTC)
+    assert record.attempt == 1
+    assert record.due == 0.0
+
+

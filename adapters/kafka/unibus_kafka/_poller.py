@@ -1,0 +1,317 @@
+"""The consumer thread: it owns one confluent-kafka consumer and nothing else runs it.
+
+The thread ``consume``s batches (serving rebalance callbacks), binds each record to
+the bookkeeping of its partition (:class:`~unibus_kafka._offsets.PartitionState`),
+appends the batch to :attr:`Poller.inbox` and commits what the event loop settled.
+It does little Python work per record: every hand-over of the GIL between this
+thread and the event loop can cost up to a switch interval, so the busy path makes
+one driver call per batch and wakes the loop once per batch, only when it waits.
+
+- **Commits** go up to the highest contiguous settled offset of each partition,
+  every ``commit_interval``, synchronously on revocation and on close.
+- **Revocation** commits what is settled, then marks the partition's state revoked:
+  the loop drops its undelivered records, and its unsettled deliveries raise
+  ``DeliveryLost`` when settled (the new owner gets them). Lost partitions (the
+  group moved on without us) are dropped without a commit.
+- **Back-pressure**: while the inbox is full the thread stops draining librdkafka's
+  bounded queue (pausing partitions would purge and refetch it) and polls once a
+  second, one record, to stay in the group.
+- **Thread safety**: ``PartitionState.commit_to`` is written by the loop only and
+  read here; ``committed`` and ``revoked`` are written here only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from unibus.errors import BrokerError, UnibusError
+from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
+from unibus_kafka._offsets import PartitionState
+
+if TYPE_CHECKING:
+    from unibus_kafka._producer import Producer
+    from unibus_kafka._url import Settings
+
+__all__ = ["Poller"]
+
+log = logging.getLogger("unibus.kafka")
+
+_POLL = 0.1
+_BATCH = 2000
+_AUTH_CODES = frozenset({-169, 58, 33, 34})
+# Unknown topic or partition, leader not available, not leader, unknown partition (local).
+_METADATA_LAG = frozenset({3, 5, 6, -190, -188})
+
+
+class Poller:
+    """The thread side of one subscription's consumer (see the module docstring).
+
+    Attributes:
+        inbox: Raw records bound to their partition's state, for the event loop.
+        room: Set by the event loop when the inbox has drained below half of ``high``.
+        high: The inbox length at which the thread stops taking records.
+        failure: Set when the consumer failed for good (refused credentials, fatal).
+    """
+
+    def __init__(self, *, settings: Settings, scrub: Scrubber, group: str | None,
+                 high: int, waiting: Callable[[], bool], wake: Callable[[], None],
+                 forget_revoked: Callable[[], None]) -> None:
+        self._settings = settings
+        self._scrub = scrub
+        self._group = group
+        self._waiting = waiting          # whether a fetch waits (read from the thread)
+        self._wake = wake                # run on the loop: wakes a waiting fetch
+        self._forget_revoked = forget_revoked
+        self._loop = asyncio.get_running_loop()
+        self.inbox: deque[tuple[PartitionState, Any]] = deque()
+        self.room = threading.Event()
+        self.high = high
+        self.failure: UnibusError | None = None
+        self._kc: Any = None
+        self._parts: dict[tuple[str, int], PartitionState] = {}
+        self._last_commit = 0.0
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._assigned: asyncio.Future[None] = self._loop.create_future()
+        self._stopped: asyncio.Future[None] = self._loop.create_future()
+
+    async def start(self, topics: Sequence[str], retry_topics: Sequence[str],
+                    producer: Producer) -> None:
+        """Join the group (or assign every partition at its end) and start the thread.
+
+        Returns once partitions are assigned and positions fixed, so that the consumer
+        receives from the moment this returns.
+
+        Raises:
+            BrokerError: The broker refused.
+        """
+        from confluent_kafka import Consumer as DriverConsumer
+        from confluent_kafka import TopicPartition
+
+        settings = self._settings
+        ephemeral = self._group is None
+        group_id = self._group or f"unibus-ephemeral-{id(self):x}-{time.time_ns():x}"
+        config = {**settings.consumer(group_id, reset="latest" if ephemeral else "earliest"),
+                  "error_cb": self._on_error, "on_commit": self._on_commit,
+                  "logger": DriverLog(self._scrub)}
+        with map_errors("creating the Kafka consumer", self._scrub):
+            self._kc = DriverConsumer(config)
+        if ephemeral:
+            # Fix every partition's position at the current end before returning, so
+            # that this subscription sees exactly what is published from now on.
+            assignment = []
+            for topic in topics:
+                for partition in await producer.partitions(topic):
+                    tp = TopicPartition(topic, partition)
+                    low_high = await asyncio.to_thread(self._watermarks, tp)
+                    assignment.append(TopicPartition(topic, partition, low_high[1]))
+                    self._parts[(topic, partition)] = PartitionState(topic, partition)
+            with map_errors("assigning partitions", self._scrub):
+                self._kc.assign(assignment)
+            self._assigned.set_result(None)
+        else:
+            names = [*topics, *retry_topics]
+            with map_errors(f"subscribing to {names}", self._scrub):
+                self._kc.subscribe(names, on_assign=self._on_assign,
+                                   on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"unibus-kafka-consumer-{self._group or '~'}")
+        self._thread.start()
+        if not ephemeral:
+            # The group retains messages either way; waiting for the first assignment
+            # only makes "receiving when this returns" literal.
+            wait = settings.session_timeout + settings.connect_timeout + 5.0
+            try:
+                await asyncio.wait_for(asyncio.shield(self._assigned), wait)
+            except TimeoutError:
+                log.warning("consumer of group %s got no assignment within %.1fs",
+                            self._group, wait)
+
+    def _watermarks(self, tp: Any) -> tuple[int, int]:
+        from confluent_kafka import KafkaException
+
+        timeout = self._settings.connect_timeout
+        deadline = time.monotonic() + timeout
+        with map_errors(f"reading the end of {tp.topic}[{tp.partition}]", self._scrub):
+            while True:
+                try:
+                    low, high = self._kc.get_watermark_offsets(tp, timeout=timeout,
+                                                               cached=False)
+                    return int(low), int(high)
+                except KafkaException as exc:
+                    # A topic created a moment ago: this client's metadata may still
+                    # name no leader. Those errors pass; others do not.
+                    code = exc.args[0].code() if exc.args else None
+                    if code not in _METADATA_LAG or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+    async def stop(self) -> None:
+        """Commit what is settled, leave the group and end the thread. Idempotent."""
+        self._closing.set()
+        self.room.set()
+        if self._thread is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stopped),
+                                   self._settings.session_timeout + 10.0)
+        except TimeoutError:
+            log.warning("the Kafka consumer of group %s did not close in time", self._group)
+
+    # -- the thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        kc = self._kc
+        try:
+            while not self._closing.is_set():
+                if len(self.inbox) >= self.high:
+                    # Back-pressure: the loop has plenty waiting; librdkafka's own
+                    # bounded queue holds the rest (pausing the partitions would purge
+                    # it and refetch). Wait for room, but keep serving the driver
+                    # (rebalances, max.poll.interval) once a second, one record at a time.
+                    self.room.clear()
+                    # Re-checked after clear(): the loop may have made room just before.
+                    if len(self.inbox) > self.high // 2 and not self.room.wait(1.0):
+                        first = kc.poll(0)
+                        if first is not None:
+                            self._ingest([first])
+                    self._commit(sync=False)
+                    continue
+                # Busy: take what is queued without waiting. Idle: wait for the next
+                # record. Each driver call releases the GIL and must win it back from
+                # the event loop, so the busy path makes one call per batch, and the
+                # thread does as little Python work per record as it can.
+                records = kc.consume(num_messages=_BATCH, timeout=0)
+                if not records:
+                    first = kc.poll(_POLL)
+                    if first is not None:
+                        records = [first]
+                if records:
+                    self._ingest(records)
+                self._commit(sync=False)
+        except Exception as exc:
+            log.exception("unibus kafka consumer thread failed")
+            self._fail(BrokerError(self._scrub(f"the Kafka consumer failed: {exc}")))
+        finally:
+            self._shutdown()
+
+    def _ingest(self, records: list[Any]) -> None:
+        # Bind each record to the state of its partition *now*: a partition revoked
+        # and assigned again gets a new state, and the old records die with the old one.
+        parts = self._parts
+        out: list[tuple[PartitionState, Any]] = []
+        last_topic: str | None = None
+        last_partition = -1
+        state: PartitionState | None = None
+        for raw in records:
+            if raw.error() is not None:
+                self._on_error(raw.error())
+                continue
+            partition = raw.partition()
+            topic = raw.topic()
+            if partition != last_partition or topic != last_topic:
+                last_topic, last_partition = topic, partition
+                state = parts.get((topic, partition))
+            if state is not None:
+                out.append((state, raw))
+        if out:
+            self.inbox.extend(out)
+            # Only a waiting fetch needs a wake-up; fetch re-checks the inbox after
+            # publishing its waiter, so no batch is missed.
+            if self._waiting():
+                self._loop.call_soon_threadsafe(self._wake)
+
+    def _commit(self, *, sync: bool, only: list[PartitionState] | None = None) -> None:
+        if self._group is None:
+            return
+        now = time.monotonic()
+        if not sync and now - self._last_commit < self._settings.commit_interval:
+            return
+        self._last_commit = now
+        from confluent_kafka import TopicPartition
+
+        # commit_to is advanced by the event loop as deliveries settle; reading an int
+        # is atomic, and a settlement that lands after this read goes in the next commit.
+        states = [s for s in (only if only is not None else self._parts.values()) if s.dirty]
+        if not states:
+            return
+        targets = [(s, s.commit_to) for s in states]
+        offsets = [TopicPartition(s.topic, s.partition, to) for s, to in targets]
+        for state, to in targets:
+            state.committed = to
+        try:
+            self._kc.commit(offsets=offsets, asynchronous=not sync)
+        except Exception as exc:
+            # Not committed: the offsets stay dirty and go in the next commit. A
+            # message is then redelivered at worst, never skipped.
+            for state in states:
+                state.committed = -1
+            log.debug("offset commit failed: %s", self._scrub(str(exc)))
+
+    def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        failed = [tp for tp in partitions if tp.error is not None] if error is None \
+            else partitions
+        for tp in failed:
+            state = self._parts.get((tp.topic, tp.partition))
+            if state is not None:
+                state.committed = -1
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        for tp in partitions:
+            self._parts[(tp.topic, tp.partition)] = PartitionState(tp.topic, tp.partition)
+        if not self._assigned.done():
+            self._loop.call_soon_threadsafe(self._mark_assigned)
+
+    def _mark_assigned(self) -> None:
+        if not self._assigned.done():
+            self._assigned.set_result(None)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        states = [s for tp in partitions
+                  if (s := self._parts.get((tp.topic, tp.partition))) is not None]
+        self._commit(sync=True, only=states)
+        self._drop(states)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        # Lost partitions may belong to another member already: commit nothing.
+        self._drop([s for tp in partitions
+                    if (s := self._parts.get((tp.topic, tp.partition))) is not None])
+
+    def _drop(self, states: list[PartitionState]) -> None:
+        for state in states:
+            state.revoked = True
+            self._parts.pop((state.topic, state.partition), None)
+        if states:
+            self._loop.call_soon_threadsafe(self._forget_revoked)
+
+    def _on_error(self, error: Any) -> None:
+        code = error.code()
+        if code in _AUTH_CODES or error.fatal():
+            self._fail(to_unibus(error, "consuming from Kafka", self._scrub))
+        log.debug("kafka consumer: %s", self._scrub(error.str()))
+
+    def _fail(self, failure: UnibusError) -> None:
+        self.failure = failure
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _shutdown(self) -> None:
+        kc = self._kc
+        try:
+            self._commit(sync=True)
+            kc.close()
+        except Exception as exc:
+            log.debug("closing the consumer: %s", self._scrub(str(exc)))
+        finally:
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._mark_stopped)
+
+    def _mark_stopped(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)

@@ -1,0 +1,270 @@
+"""Throughput of unibus on Kafka against raw confluent-kafka, same guarantees, one process.
+
+Run::
+
+    uv run python benchmarks/bench_kafka.py --url kafka://127.0.0.1:PORT
+    uv run python benchmarks/bench_kafka.py          # starts its own broker container
+
+Without ``--url`` it starts a Kafka container through ``unibus_contract.provision``
+(set ``UNIBUS_IMAGE_KAFKA=unibus-local/kafka:4.1.1`` where no registry is reachable)
+and removes it at the end.
+
+Both sides get the same guarantees: an idempotent producer with ``acks=all`` whose
+every delivery report is checked; a consumer group with manual offset commits
+(no auto-commit, offsets committed only for processed messages). Topics have
+``--partitions`` partitions; bodies are ``--body-size`` random bytes. Phases, raw
+confluent-kafka first, then unibus, in one run:
+
+1. publish: N messages, every delivery report awaited (raw: ``produce`` with a
+   delivery callback, then ``flush``; unibus: ``publish_many`` of bodies in batches
+   of ``--batch``, ``--window`` batches in flight); then again with the
+   ``Message`` objects built before the clock starts (the adapter's own cost);
+2. consume: the N retained messages read by a new group and acked/committed (raw:
+   ``consume`` batches on a thread, commit of the last offsets every 0.2 s and at
+   the end; unibus: ``Subscription.fetch`` + ``Delivery.ack``);
+3. end to end: a publisher and a consumer running together, from the first
+   publish to the last ack.
+
+Prints msgs/s for each side and the ratio unibus / raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+import unibus
+from unibus.url import make_url
+from unibus_kafka._url import parse_settings
+
+
+@dataclass(frozen=True)
+class Config:
+    url: str
+    messages: int
+    body_size: int
+    partitions: int
+    batch: int
+    window: int
+    prefetch: int
+
+
+def fresh(label: str) -> str:
+    return f"bench-{label}-{uuid.uuid4().hex[:10]}"
+
+
+class Raw:
+    """The same work with confluent-kafka alone (its blocking API, as users write it)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        settings = parse_settings(make_url(config.url))
+        self.bootstrap = settings.bootstrap
+
+    def producer(self) -> Any:
+        return Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
+                         "acks": "all", "linger.ms": 5,
+                         "queue.buffering.max.messages": 200_000})
+
+    def warm_producer(self, warmup_topic: str) -> Any:
+        """A producer that has its connection and idempotence id, as unibus's has."""
+        producer = self.producer()
+        producer.produce(warmup_topic, b"warm-up")
+        producer.flush()
+        return producer
+
+    def publish(self, producer: Any, topic: str, body: bytes) -> None:
+        failed: list[Any] = []
+
+        def report(error: Any, _record: Any) -> None:
+            if error is not None:
+                failed.append(error)
+
+        for _ in range(self.config.messages):
+            while True:
+                try:
+                    producer.produce(topic, body, on_delivery=report)
+                    break
+                except BufferError:
+                    producer.poll(0.001)
+            producer.poll(0)
+        producer.flush()
+        if failed:
+            raise KafkaException(failed[0])
+
+    def consume(self, topic: str, count: int, started: threading.Event | None = None) -> None:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": fresh("raw"),
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             "partition.assignment.strategy": "cooperative-sticky"})
+        consumer.subscribe([topic])
+        if started is not None:
+            started.set()
+        seen = 0
+        last: dict[tuple[str, int], int] = {}
+        next_commit = time.monotonic() + 0.2
+        while seen < count:
+            for record in consumer.consume(num_messages=500, timeout=0.1):
+                if record.error() is not None:
+                    continue
+                record.value()
+                name, partition, offset = record.topic(), record.partition(), record.offset()
+                if name is None or partition is None or offset is None:
+                    continue
+                last[(name, partition)] = offset
+                seen += 1
+            if time.monotonic() >= next_commit and last:
+                consumer.commit(offsets=[TopicPartition(t, p, o + 1)
+                                         for (t, p), o in last.items()], asynchronous=True)
+                next_commit = time.monotonic() + 0.2
+        consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
+                        asynchronous=False)
+        consumer.close()
+
+
+class Unibus:
+    """The same work through unibus."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def publish(self, bus: unibus.Bus, topic: str, body: bytes,
+                      prebuilt: list[unibus.Message] | None = None) -> None:
+        config = self.config
+        window = asyncio.Semaphore(config.window)
+
+        async def one(start: int, count: int) -> None:
+            async with window:
+                if prebuilt is None:
+                    await bus.publish_many(topic, [body] * count)
+                else:
+                    await bus.publish_many(topic, prebuilt[start:start + count])
+
+        async with asyncio.TaskGroup() as tasks:
+            for start in range(0, config.messages, config.batch):
+                await window.acquire()   # at most `window` batches queued at once
+                window.release()
+                tasks.create_task(one(start, min(config.batch, config.messages - start)))
+
+    async def consume(self, bus: unibus.Bus, topic: str, group: str, count: int,
+                      started: asyncio.Event | None = None) -> None:
+        async with bus.subscribe(topic, group=group, prefetch=self.config.prefetch) as sub:
+            if started is not None:
+                started.set()
+            seen = 0
+            while seen < count:
+                for delivery in await sub.fetch(timeout=1.0):
+                    await delivery.ack()
+                    seen += 1
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+async def run(config: Config) -> None:
+    body = os.urandom(config.body_size)
+    raw, ub = Raw(config), Unibus(config)
+    n = config.messages
+    results: list[tuple[str, float, float]] = []
+    async with unibus.connect(config.url) as bus:
+        # Topics are created by unibus (same partitions) for both sides.
+        raw_topic, ub_topic, warmup = fresh("raw"), fresh("ub"), fresh("warmup")
+        for topic in (raw_topic, ub_topic, warmup):
+            await bus.adapter.declare_group(topic, "unused")
+        # Both producers connected and warm before any clock starts.
+        producer = await asyncio.to_thread(raw.warm_producer, warmup)
+        await bus.publish(warmup, b"warm-up")
+
+        start = time.perf_counter()
+        await asyncio.to_thread(raw.publish, producer, raw_topic, body)
+        raw_pub = rate(n, time.perf_counter() - start)
+        start = time.perf_counter()
+        await ub.publish(bus, ub_topic, body)
+        ub_pub = rate(n, time.perf_counter() - start)
+        results.append(("publish (acks=all, idempotent)", raw_pub, ub_pub))
+        # The same, with the Message objects built before the clock starts: what the
+        # adapter itself costs, without the core's Message construction.
+        prebuilt = [unibus.Message(body) for _ in range(n)]
+        extra_topic = fresh("ub-prebuilt")
+        await bus.adapter.declare_group(extra_topic, "unused")
+        start = time.perf_counter()
+        await ub.publish(bus, extra_topic, body, prebuilt)
+        results.append(("  publish, Messages pre-built", raw_pub,
+                        rate(n, time.perf_counter() - start)))
+
+        start = time.perf_counter()
+        await asyncio.to_thread(raw.consume, raw_topic, n)
+        raw_con = rate(n, time.perf_counter() - start)
+        start = time.perf_counter()
+        await ub.consume(bus, ub_topic, fresh("ubg"), n)
+        ub_con = rate(n, time.perf_counter() - start)
+        results.append(("consume retained (manual commits)", raw_con, ub_con))
+
+        raw_topic, ub_topic = fresh("raw2"), fresh("ub2")
+        for topic in (raw_topic, ub_topic):
+            await bus.adapter.declare_group(topic, "unused")
+        started = threading.Event()
+        start = time.perf_counter()
+        consumer = asyncio.create_task(asyncio.to_thread(raw.consume, raw_topic, n, started))
+        await asyncio.to_thread(started.wait)
+        await asyncio.to_thread(raw.publish, producer, raw_topic, body)
+        await consumer
+        raw_e2e = rate(n, time.perf_counter() - start)
+        ready = asyncio.Event()
+        start = time.perf_counter()
+        ub_consumer = asyncio.create_task(ub.consume(bus, ub_topic, fresh("ubg2"), n, ready))
+        await ready.wait()
+        await ub.publish(bus, ub_topic, body)
+        await ub_consumer
+        ub_e2e = rate(n, time.perf_counter() - start)
+        results.append(("end to end (publish + consume)", raw_e2e, ub_e2e))
+
+    print(f"\nKafka: {n} messages of {config.body_size} bytes, {config.partitions} partitions, "
+          f"unibus batch {config.batch} x window {config.window}, prefetch {config.prefetch}")
+    print(f"{'phase':<36}{'raw msgs/s':>14}{'unibus msgs/s':>16}{'ratio':>8}")
+    for name, raw_rate, ub_rate in results:
+        print(f"{name:<36}{raw_rate:>14,.0f}{ub_rate:>16,.0f}{ub_rate / raw_rate:>8.2f}")
+
+
+@contextlib.contextmanager
+def broker(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    from unibus_contract.provision import KAFKA, engine_info, launch, network_mode
+
+    with launch(KAFKA, mode=network_mode(has_bridge=engine_info().has_bridge)) as started:
+        yield started.url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="kafka://HOST:PORT (default: start a container)")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--body-size", type=int, default=256)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--prefetch", type=int, default=2_000)
+    args = parser.parse_args()
+    with broker(args.url) as url:
+        target = make_url(url).with_query(partitions=str(args.partitions))
+        config = Config(url=str(target.render(hide_password=False)), messages=args.messages,
+                        body_size=args.body_size, partitions=args.partitions,
+                        batch=args.batch, window=args.window, prefetch=args.prefetch)
+        asyncio.run(run(config))
+
+
+if __name__ == "__main__":
+    main()
