@@ -218,7 +218,9 @@ class Bus:
             raise InvalidMessage(f"publish_many takes an iterable of messages or bodies, not "
                                  f"one {type(messages).__name__}; use publish() for a single "
                                  "body, or wrap it in a list")
-        batch = [m if type(m) is Message else self._coerce(m) for m in messages]
+        # Plain bytes (the common case) skip _coerce's call: this runs once per message.
+        batch = [m if type(m) is Message else Message(m) if type(m) is bytes
+                 else self._coerce(m) for m in messages]
         limit = self._max_size
         for m in batch:
             if len(m.body) > limit:
