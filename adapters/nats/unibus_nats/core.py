@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -54,12 +55,13 @@ from unibus.options import Options
 from unibus.spi import Adapter, Consumer
 from unibus.url import URL
 from unibus_nats import _wire as wire
-from unibus_nats._codec import decode, encode_headers
+from unibus_nats._codec import decode, decode_block, decode_plain, encode_headers, header_block
 from unibus_nats._connection import Connection
 from unibus_nats._errors import map_errors
 from unibus_nats._url import CORE_OPTIONS, Settings, parse_settings, token
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
@@ -68,6 +70,8 @@ __all__ = ["CoreNatsAdapter"]
 log = logging.getLogger("unibus.nats")
 
 _HEADER_ROOM = 1024
+# Messages written to the client's buffer at once: one write instead of one per message.
+_CHUNK = 256
 
 
 class _CoreConsumer(Consumer):
@@ -84,6 +88,7 @@ class _CoreConsumer(Consumer):
         self._ready: deque[Delivery] = deque()
         self._unsettled: set[int] = set()
         self._subs: list[Subscription] = []
+        self._nc: Client | None = None
         self._changed = asyncio.Event()
         self._closed = False
         self._count = 0
@@ -95,27 +100,38 @@ class _CoreConsumer(Consumer):
         Raises:
             BrokerError: The server refused.
         """
-        nc = self._adapter.conn.nc
+        self._nc = nc = self._adapter.conn.nc
         queue = token(self._group) if self._group is not None else ""
         with map_errors(f"subscribe to {', '.join(map(repr, self._topics))}"):
             for topic in self._topics:
                 async def on_msg(msg: Msg, topic: str = topic) -> None:
-                    self._on_msg(topic, msg)
-                self._subs.append(await nc.subscribe(
+                    self._receive(topic, msg.subject, msg.data, msg.headers)
+                sub = await nc.subscribe(
                     self._adapter.subject(topic), queue=queue, cb=on_msg,
-                    pending_msgs_limit=-1, pending_bytes_limit=-1))
+                    pending_msgs_limit=-1, pending_bytes_limit=-1)
+                self._subs.append(sub)
+                # Straight from the protocol parser, skipping nats-py's Msg, queue and
+                # task hop; where that is not possible, on_msg keeps receiving.
+                wire.route(nc, sub, functools.partial(self._receive, topic))
             # Receiving from the moment open_consumer returns: the server has the SUBs.
             await nc.flush(timeout=max(1, round(self._adapter.settings["connect_timeout"])))
 
-    def _on_msg(self, topic: str, msg: Msg) -> None:
+    def _receive(self, topic: str, subject: str | bytes, data: bytes,
+                 headers: bytes | dict[str, str] | None) -> None:
         if self._closed:
             return
         self._count += 1
         try:
-            message = decode(msg.data, msg.headers, msg.subject, self._count, time.time_ns())
+            message = decode_plain(data, headers) if type(headers) is bytes else None
+            if message is None:
+                stream = subject if isinstance(subject, str) else subject.decode()
+                if isinstance(headers, bytes):
+                    message = decode_block(data, headers, stream, self._count, time.time_ns())
+                else:
+                    message = decode(data, headers, stream, self._count, time.time_ns())
         except ValueError as exc:
             log.warning("nats+core: message on %r has malformed unibus headers (%s)", topic, exc)
-            message = Message(msg.data)
+            message = Message(data)
         ready = self._ready
         ready.append(Delivery(message, topic=topic, group=self._group, attempt=1,
                               consumer=self, token=self._count))
@@ -174,6 +190,8 @@ class _CoreConsumer(Consumer):
         self._ready.clear()
         self._unsettled.clear()
         for sub in self._subs:
+            if self._nc is not None:
+                wire.unroute(self._nc, sub)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
@@ -251,10 +269,17 @@ class CoreNatsAdapter(Adapter):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings["retry_for"]
         with map_errors(f"publish to {topic!r}"):
-            for message in messages:
-                if not nc.is_connected:
-                    await conn.wait_up(deadline)
-                await wire.publish(nc, subject, message.body, encode_headers(message))
+            if wire.can_write_directly(nc):
+                for start in range(0, len(messages), _CHUNK):
+                    if not nc.is_connected:
+                        await conn.wait_up(deadline)
+                    await wire.publish_blocks(nc, subject, [
+                        (header_block(m), m.body) for m in messages[start:start + _CHUNK]])
+            else:
+                for message in messages:
+                    if not nc.is_connected:
+                        await conn.wait_up(deadline)
+                    await wire.publish(nc, subject, message.body, encode_headers(message))
             # Not a confirmation: it only proves the server read what was written.
             await nc.flush(timeout=max(1, round(self._settings["connect_timeout"])))
 
