@@ -90,10 +90,18 @@ def micros(when: datetime) -> int:
 
 
 def _from_micros(value: int) -> datetime:
-    """The UTC datetime ``value`` microseconds after the epoch, exactly."""
-    if 0 <= value < _FLOAT_EXACT:
-        return datetime.fromtimestamp(value / 1e6, UTC)
-    return _EPOCH + timedelta(0, *divmod(value, 1_000_000))
+    """The UTC datetime ``value`` microseconds after the epoch, exactly.
+
+    Raises:
+        ValueError: ``value`` is outside the years datetime can carry (a foreign or
+            corrupt header; never an OverflowError, which callers do not expect).
+    """
+    try:
+        if 0 <= value < _FLOAT_EXACT:
+            return datetime.fromtimestamp(value / 1e6, UTC)
+        return _EPOCH + timedelta(0, *divmod(value, 1_000_000))
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"timestamp of {value} µs is out of range ({exc})") from None
 
 
 def _quote(text: str) -> str:

@@ -129,7 +129,10 @@ class _CoreConsumer(Consumer):
                     message = decode_block(data, headers, stream, self._count, time.time_ns())
                 else:
                     message = decode(data, headers, stream, self._count, time.time_ns())
-        except ValueError as exc:
+        except Exception as exc:
+            # This runs inside nats-py's read loop: an exception escaping here would stop
+            # the connection from reading at all. A message we cannot decode arrives as
+            # a new message with its body intact.
             log.warning("nats+core: message on %r has malformed unibus headers (%s)", topic, exc)
             message = Message(data)
         ready = self._ready
