@@ -150,8 +150,7 @@ class KafkaConsumer(Consumer):
             state, raw = inbox.popleft()
             if state.revoked:
                 continue
-            record = decode(raw)
-            record.state = state
+            record = decode(raw, state)
             if tracked:
                 state.fetched(record.offset)
             if record.due:
