@@ -21,20 +21,12 @@ import pytest
 
 import unibus
 from unibus.errors import BrokerError, DeliveryLost
+from unibus_contract.faults import fault_figures
 
 pytestmark = [pytest.mark.fault, pytest.mark.broker]
 
 CHILD = Path(__file__).with_name("g3_consumer.py")
 
-
-def figures(name: str, *, published: int, confirmed: set[str], received: Counter[str],
-            recovery: float, extra: str = "") -> int:
-    unique = len(received)
-    duplicates = sum(received.values()) - unique
-    lost = len(confirmed - set(received))
-    print(f"\n{name}: published={published} confirmed={len(confirmed)} received_unique={unique} "
-          f"duplicates={duplicates} lost={lost} recovery_s={recovery:.2f} {extra}".rstrip())
-    return lost
 
 
 async def test_g1_broker_restart_mid_stream_loses_no_confirmed_message(
@@ -101,10 +93,10 @@ async def test_g1_broker_restart_mid_stream_loses_no_confirmed_message(
 
     recovery = max(marks.get("published_after", float("inf")),
                    marks.get("received_after", float("inf"))) - marks["restart"]
-    lost = figures("G1 broker restart", published=published, confirmed=confirmed,
+    lost = fault_figures("G1 broker restart", published=published, confirmed=confirmed,
                    received=received, recovery=recovery,
                    extra=f"broker_restart_s={marks['restart_done'] - marks['restart']:.2f} "
-                         f"publish_retries={sum(retries.values())}")
+                         f"publish_retries={sum(retries.values())}").lost
     for reason, count in retries.items():
         print(f"  retried {count}x after {reason}")
     assert lost == 0
@@ -154,11 +146,11 @@ async def test_g3_consumer_sigkilled_mid_batch_loses_nothing(kafka_url: str,
                     first_after = first_after or time.monotonic()
                     received[delivery.id] += 1
                     await delivery.ack()
-    lost = figures("G3 consumer SIGKILL", published=total, confirmed=confirmed,
+    lost = fault_figures("G3 consumer SIGKILL", published=total, confirmed=confirmed,
                    received=received,
                    recovery=(first_after or float("inf")) - killed,
                    extra=f"child_acked={len(child_acked)} "
                          f"unsettled_at_kill={len(unsettled_at_kill)} "
-                         f"unsettled_redelivered={len(unsettled_at_kill & set(received))}")
+                         f"unsettled_redelivered={len(unsettled_at_kill & set(received))}").lost
     assert lost == 0
     assert unsettled_at_kill <= set(received)

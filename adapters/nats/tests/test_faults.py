@@ -9,7 +9,6 @@ confirmed, received unique, duplicates, lost, recovery seconds.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import sys
@@ -23,25 +22,13 @@ import pytest
 
 import unibus
 from unibus.errors import PublishFailed
+from unibus_contract.faults import fault_figures, longest_gap
 
 pytestmark = [pytest.mark.fault, pytest.mark.broker]
 
 CHILD = Path(__file__).with_name("g3_consumer.py")
 
 
-def figures(name: str, *, published: int, confirmed: int, received: Counter[str],
-            lost: int, recovery: float | None) -> str:
-    unique = len(received)
-    duplicates = sum(received.values()) - unique
-    shown = "n/a" if recovery is None else f"{recovery:.2f}"
-    line = (f"{name}: published={published} confirmed={confirmed} received_unique={unique} "
-            f"duplicates={duplicates} lost={lost} recovery_s={shown}")
-    print(f"\n{line}")
-    return line
-
-
-def longest_gap(times: list[float]) -> float:
-    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 async def test_g1_server_restarted_mid_stream_loses_no_confirmed_message(
@@ -111,8 +98,8 @@ async def test_g1_server_restarted_mid_stream_loses_no_confirmed_message(
     # Recovery: the longest silence of the consumer while the restart happened.
     recovery = longest_gap([t for t in arrivals if restart_at is not None
                             and t >= restart_at - 1]) if arrivals else None
-    record_property("figures", figures("G1", published=published, confirmed=len(confirmed),
-                                       received=received, lost=lost, recovery=recovery))
+    record_property("figures", fault_figures("G1", published=published, confirmed=len(confirmed),
+                                       received=received, lost=lost, recovery=recovery).line)
     print(f"G1: {during[0]} message(s) published while the server restarted")
     assert restart_at is not None, "the server was never restarted"
     assert during[0] > 0, "nothing was published during the restart"
@@ -187,8 +174,8 @@ async def test_g2_server_paused_then_resumed_loses_no_confirmed_message(
     lost = len(confirmed - received.keys())
     recovery = longest_gap([t for t in arrivals if paused_at is not None
                             and t >= paused_at - 1]) - pause_for if arrivals else None
-    record_property("figures", figures("G2", published=published, confirmed=len(confirmed),
-                                       received=received, lost=lost, recovery=recovery))
+    record_property("figures", fault_figures("G2", published=published, confirmed=len(confirmed),
+                                       received=received, lost=lost, recovery=recovery).line)
     print(f"G2: {during[0]} message(s) published while the server was paused")
     assert paused_at is not None, "the server was never paused"
     assert during[0] > 0, "nothing was published during the pause"
@@ -239,8 +226,8 @@ async def test_g3_consumer_sigkilled_mid_batch_gets_every_unacked_message_redeli
     lost = len({m.id for m in sent} - everyone)
     redelivered_twice = len(acked & received.keys())
     recovery = None if last_held_at is None else last_held_at - killed_at
-    record_property("figures", figures("G3", published=total, confirmed=total,
-                                       received=received, lost=lost, recovery=recovery))
+    record_property("figures", fault_figures("G3", published=total, confirmed=total,
+                                       received=received, lost=lost, recovery=recovery).line)
     assert held <= received.keys(), "a message held by the killed consumer never came back"
     assert redelivered_twice == 0, "a message the killed consumer acked came back"
     assert lost == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import sys
@@ -25,25 +24,13 @@ import pytest
 
 import unibus
 from unibus.errors import DeliveryLost, PublishFailed
+from unibus_contract.faults import fault_figures, longest_gap
 
 pytestmark = [pytest.mark.fault, pytest.mark.broker]
 
 CHILD = Path(__file__).with_name("g3_consumer.py")
 
 
-def figures(name: str, *, published: int, confirmed: int, received: Counter[str],
-            lost: int, recovery: float | None) -> str:
-    unique = len(received)
-    duplicates = sum(received.values()) - unique
-    shown = "n/a" if recovery is None else f"{recovery:.2f}"
-    line = (f"{name}: published={published} confirmed={confirmed} received_unique={unique} "
-            f"duplicates={duplicates} lost={lost} recovery_s={shown}")
-    print(f"\n{line}")
-    return line
-
-
-def longest_gap(times: list[float]) -> float:
-    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def with_query(url: str, query: str) -> str:
@@ -128,9 +115,9 @@ async def test_g1_g2_broker_restarted_or_paused_mid_stream_loses_no_confirmed_me
     # i.e. how long the fault stopped the traffic.
     recovery = max(longest_gap(confirmed_at), longest_gap(sorted(first_seen.values())))
     name = "G1 broker restart" if fault == "restart" else "G2 broker paused"
-    record_property(fault, figures(name, published=published,
+    record_property(fault, fault_figures(name, published=published,
                                   confirmed=len(confirmed), received=received, lost=lost,
-                                  recovery=recovery))
+                                  recovery=recovery).line)
     assert lost == 0
     assert len(confirmed) == total, "every publish_many was retried until confirmed"
     assert fault_at is not None
@@ -193,9 +180,9 @@ async def test_g3_consumer_sigkilled_mid_batch_gets_every_unacked_message_redeli
     for message_id in acked:
         everything[message_id] += 1
     lost = len(confirmed - everything.keys())
-    record_property("g3", figures("G3 consumer SIGKILL", published=total,
+    record_property("g3", fault_figures("G3 consumer SIGKILL", published=total,
                                   confirmed=len(confirmed), received=everything, lost=lost,
-                                  recovery=recovery))
+                                  recovery=recovery).line)
     assert lost == 0
     assert held <= received.keys(), "every unacked message of the killed consumer came back"
 
