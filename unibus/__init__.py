@@ -33,6 +33,7 @@ from unibus.errors import (
     UnsupportedFeature,
 )
 from unibus.message import Delivery, Message, Outcome, new_message_id
+from unibus.migrate import MigrationFailed, MigrationReport, VerifyReport, migrate
 from unibus.registry import available_schemes, register, unregister
 from unibus.scheduler import App, Retry
 from unibus.url import URL, make_url
@@ -59,6 +60,8 @@ __all__ = [
     "InvalidURL",
     "Message",
     "MessageTooLarge",
+    "MigrationFailed",
+    "MigrationReport",
     "Ordering",
     "Outcome",
     "PublishFailed",
@@ -70,10 +73,12 @@ __all__ = [
     "UnibusError",
     "UnknownScheme",
     "UnsupportedFeature",
+    "VerifyReport",
     "__version__",
     "available_schemes",
     "connect",
     "make_url",
+    "migrate",
     "new_message_id",
     "register",
     "unregister",

@@ -1,4 +1,4 @@
-"""The ``unibus`` command line: ``demo``, ``publish`` and ``consume``.
+"""The ``unibus`` command line: ``demo``, ``publish``, ``consume`` and ``migrate``.
 
 ::
 
@@ -6,6 +6,7 @@
     unibus demo --url nats://127.0.0.1:4222 --messages 5000 --json
     echo '{"id": 1}' | unibus publish orders --url amqp://guest:guest@127.0.0.1/ --key c-7
     unibus consume orders --url amqp://... --group billing --count 10 --timeout 5 --json
+    unibus migrate --from amqp://... --to kafka://... --topic orders --checkpoint o.ckpt --verify
 
 ``--url`` defaults to ``$UNIBUS_URL``, else ``memory://``. A ``memory://`` broker
 lives inside one process, so ``publish`` and ``consume`` in two invocations on
@@ -22,20 +23,29 @@ import asyncio
 import base64
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 import unibus
 from unibus.bus import DEFAULT_PREFETCH
+from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP
 
 __all__ = ["cli", "main"]
 
@@ -423,6 +433,132 @@ def consume(
         within = f" within {timeout:g} s" if timeout is not None else ""
         _fail(f"received {received} of {count} messages{within}")
 
+
+# ------------------------------------------------------------------------ migrate
+
+
+async def _migrate(source: str, target: str, topic: str, *, group: str,
+                   to_topic: str | None, follow: bool, limit: int | None,
+                   rate: float | None, batch: int, checkpoint: str | None, dry_run: bool,
+                   verify: bool, declare_groups: list[str],
+                   progress: Callable[[unibus.MigrationReport], None] | None
+                   ) -> unibus.MigrationReport:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # SIGINT / SIGTERM finish the batch in flight, then report: nothing is left half done.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await unibus.migrate(
+            source, target, topic, group=group, to_topic=to_topic, follow=follow,
+            limit=limit, rate=rate, batch=batch, checkpoint=checkpoint, dry_run=dry_run,
+            verify=verify, declare_groups=declare_groups, stop=stop, progress=progress)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _print_migration(console: Console, report: unibus.MigrationReport) -> None:
+    title = (f"unibus migrate {escape(report.topic)}: {escape(report.source)} → "
+             f"{escape(report.target)} {escape(report.to_topic)}"
+             + (" (dry run)" if report.dry_run else ""))
+    table = Table(title=title, title_justify="left")
+    table.add_column("messages")
+    table.add_column("count", justify="right")
+    for name, value in (("read", report.read), ("written", report.written),
+                        ("acked", report.acked), ("duplicates", report.duplicates),
+                        ("failed", report.failed)):
+        table.add_row(name, f"{value:,}")
+    console.print(table)
+    console.print(f"{report.rate:,.0f} msgs/s over {report.seconds:.3f} s"
+                  + (f" in {report.runs} runs" if report.runs > 1 else ""))
+    for failure in report.failures:
+        console.print(f"[red]failed:[/] {escape(failure)}")
+    checked = report.verify
+    if checked is not None:
+        verdict = "[green]ok[/]" if checked.ok else "[bold red]DIFFERENCES[/]"
+        console.print(f"verify {verdict}: {checked.expected:,} ids read, "
+                      f"{checked.received:,} copies on the target, {checked.lost_count:,} "
+                      f"lost, {checked.mismatched_count:,} body mismatches, "
+                      f"{checked.duplicates:,} duplicates, {checked.unexpected:,} unexpected")
+        for kind, ids in (("lost", checked.lost), ("body mismatch", checked.mismatched)):
+            for message_id in ids:
+                console.print(f"  {kind}: {escape(message_id)}")
+
+
+@cli.command()
+def migrate(
+    source: Annotated[str, typer.Option("--from", help="URL of the broker to read from.")],
+    target: Annotated[str, typer.Option("--to", help="URL of the broker to write to.")],
+    topic: Annotated[str, typer.Option(help="The topic to move.")],
+    group: Annotated[str, typer.Option(
+        help="The source group to read through; its position is the cursor.")
+    ] = DEFAULT_GROUP,
+    to_topic: Annotated[str | None, typer.Option(
+        help="The topic on the target (default: the same name).")] = None,
+    until_empty: Annotated[bool, typer.Option(
+        "--until-empty", help="Stop once the source is idle (the default).")] = False,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Keep moving new messages until Ctrl-C or SIGTERM.")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after N messages.")] = None,
+    rate: Annotated[float | None, typer.Option(
+        min=0.001, help="At most R messages per second.")] = None,
+    batch: Annotated[int, typer.Option(
+        min=1, help="Messages per batch: the in-flight window, which bounds duplicates "
+                    "after a crash.")] = DEFAULT_BATCH,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="File recording progress; run again with it to resume.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Read and count, publish nothing, ack nothing.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Read back what was written; print lost ids, body mismatches "
+                         "and duplicates (exit 1 on a difference).")] = False,
+    declare_group: Annotated[list[str] | None, typer.Option(
+        "--declare-group", help="Declare this group on the target topic first, so a "
+                                "broker without replay (RabbitMQ) keeps the messages for "
+                                "it; repeat for more.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+) -> None:
+    """Move TOPIC's messages from one broker to another, acking only what the target
+    confirmed (at-least-once, resumable with --checkpoint)."""
+    if until_empty and follow:
+        _fail("give --until-empty or --follow, not both", code=2)
+    console = _stdout()
+
+    async def attempt(progress: Callable[[unibus.MigrationReport], None] | None
+                      ) -> tuple[unibus.MigrationReport, str | None]:
+        try:
+            report = await _migrate(
+                source, target, topic, group=group, to_topic=to_topic, follow=follow,
+                limit=limit, rate=rate, batch=batch, checkpoint=checkpoint, dry_run=dry_run,
+                verify=verify, declare_groups=declare_group or [], progress=progress)
+        except unibus.MigrationFailed as exc:
+            return exc.report, str(exc)
+        return report, None
+
+    if console.is_terminal and not json_output:
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                   TextColumn("{task.completed:,} msgs {task.fields[rate]}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"migrating {escape(topic)}", total=limit, rate="")
+
+            def show(report: unibus.MigrationReport) -> None:
+                bar.update(task, completed=report.read if report.dry_run else report.written,
+                           rate=f"{report.rate:,.0f}/s")
+
+            report, error = _run(attempt(show))
+    else:
+        report, error = _run(attempt(None))
+    if json_output:
+        print(json.dumps({**report.to_dict(), "error": error}, ensure_ascii=False))
+    else:
+        _print_migration(console, report)
+    if error is not None:
+        _fail(error)
+    if report.verify is not None and not report.verify.ok:
+        _fail(f"verify found {report.verify.lost_count} lost and "
+              f"{report.verify.mismatched_count} mismatched messages")
 
 def main() -> None:
     """Entry point of the ``unibus`` script."""

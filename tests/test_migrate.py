@@ -1,0 +1,429 @@
+"""``unibus.migrate`` between memory brokers: what is moved, kept, counted and verified."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from typer.testing import CliRunner
+
+import unibus
+from unibus.cli import cli
+from unibus.errors import BrokerUnavailable, PublishFailed
+from unibus.memory import MemoryAdapter
+from unibus.migrate import DEFAULT_GROUP, DEFAULT_VERIFY_GROUP, ORIGINAL_TIMESTAMP_HEADER
+
+TOPIC = "orders.eu"
+Hook = Callable[[Sequence[unibus.Message]], Awaitable[None]]
+
+
+class HookedMemoryAdapter(MemoryAdapter):
+    """``hooked-memory://NAME``: memory, with a test hook around each publish."""
+
+    before: ClassVar[dict[str, Hook]] = {}
+    after: ClassVar[dict[str, Hook]] = {}
+
+    async def publish(self, topic: str, messages: Sequence[unibus.Message], *,
+                      not_before: datetime | None = None) -> None:
+        if (hook := self.before.get(self.name)) is not None:
+            await hook(messages)
+        await super().publish(topic, messages, not_before=not_before)
+        if (hook := self.after.get(self.name)) is not None:
+            await hook(messages)
+
+
+@pytest.fixture(autouse=True)
+def hooked_scheme() -> Iterator[None]:
+    unibus.register("hooked-memory", HookedMemoryAdapter)
+    yield
+    unibus.unregister("hooked-memory")
+    HookedMemoryAdapter.before.clear()
+    HookedMemoryAdapter.after.clear()
+
+
+def sample(count: int, *, size: int = 64) -> list[unibus.Message]:
+    """Binary bodies (every byte value), unicode keys and headers."""
+    return [unibus.Message(bytes((n + i) % 256 for i in range(size)) + n.to_bytes(4, "big"),
+                           key=f"clé-{n % 7}-ключ",
+                           headers={"région": "Île-de-France ✓", "n": str(n), "emoji": "🚚"},
+                           timestamp=datetime(2024, 1, 2, 3, 4, 5, n, tzinfo=UTC))
+            for n in range(count)]
+
+
+@asynccontextmanager
+async def brokers(source_groups: Sequence[str] = (DEFAULT_GROUP,),
+                  target_groups: Sequence[str] = ("readers",),
+                  target_options: str = "") -> AsyncIterator[tuple[unibus.Bus, unibus.Bus]]:
+    """An open source and target bus (keeping both memory brokers alive)."""
+    name = uuid.uuid4().hex
+    async with (unibus.connect(f"memory://src-{name}") as src,
+                unibus.connect(f"hooked-memory://dst-{name}{target_options}") as dst):
+        for group in source_groups:
+            await src.declare_group(TOPIC, group)
+        for group in target_groups:
+            await dst.declare_group(TOPIC, group)
+        yield src, dst
+
+
+async def drain(bus: unibus.Bus, group: str, topic: str = TOPIC) -> list[unibus.Message]:
+    """Everything ``group`` holds, acked."""
+    out: list[unibus.Message] = []
+    async with bus.subscribe(topic, group=group, prefetch=500) as sub:
+        while batch := await sub.fetch(500, bus.capabilities.timings.delivery):
+            out.extend(d.message for d in batch)
+            for delivery in batch:
+                await delivery.ack()
+    return out
+
+
+async def test_every_message_arrives_with_its_id_key_headers_body_and_timestamp() -> None:
+    sent = sample(1200)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=200)
+
+        received = await drain(dst, "readers")
+    assert (report.read, report.written, report.acked, report.failed) == (1200, 1200, 1200, 0)
+    assert report.duplicates == 0
+    assert report.rate > 0
+    by_id = {m.id: m for m in received}
+    assert len(received) == len(by_id) == 1200
+    for original in sent:
+        copy = by_id[original.id]
+        assert (copy.body, copy.key, copy.timestamp) == (original.body, original.key,
+                                                         original.timestamp)
+        assert dict(copy.headers) == {**original.headers, ORIGINAL_TIMESTAMP_HEADER:
+                                      original.timestamp.isoformat()}
+
+
+async def test_the_source_group_is_empty_after_a_migration() -> None:
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(300))
+
+        await unibus.migrate(src.url, dst.url, TOPIC, batch=64)
+
+        assert await drain(src, DEFAULT_GROUP) == []
+
+
+async def test_an_original_timestamp_header_from_an_earlier_hop_is_kept() -> None:
+    first_hop = "2020-05-06T07:08:09+00:00"
+    async with brokers() as (src, dst):
+        await src.publish(TOPIC, b"x", headers={ORIGINAL_TIMESTAMP_HEADER: first_hop})
+
+        await unibus.migrate(src.url, dst.url, TOPIC)
+
+        [copy] = await drain(dst, "readers")
+    assert copy.headers[ORIGINAL_TIMESTAMP_HEADER] == first_hop
+
+
+async def test_to_topic_renames_the_topic_on_the_target() -> None:
+    async with brokers() as (src, dst):
+        await dst.declare_group("orders.v2", "readers")
+        await src.publish_many(TOPIC, sample(10))
+
+        await unibus.migrate(src.url, dst.url, TOPIC, to_topic="orders.v2")
+
+        assert len(await drain(dst, "readers", "orders.v2")) == 10
+        assert await drain(dst, "readers") == []
+
+
+async def test_limit_moves_exactly_that_many_and_leaves_the_rest() -> None:
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(1000))
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, limit=250, batch=100)
+
+        assert (report.read, report.written, report.acked) == (250, 250, 250)
+        assert len(await drain(dst, "readers")) == 250
+        assert len(await drain(src, DEFAULT_GROUP)) == 750
+
+
+async def test_dry_run_publishes_nothing_acks_nothing_and_reports_oversized_messages() -> None:
+    async with brokers(target_options="?max_message_size=100") as (src, dst):
+        await src.publish_many(TOPIC, [*sample(50), unibus.Message(b"z" * 101)])
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, dry_run=True)
+
+        assert (report.read, report.written, report.acked) == (51, 0, 0)
+        assert report.failed == 1
+        assert "101 bytes" in report.failures[0]
+        assert await drain(dst, "readers") == []
+        assert len(await drain(src, DEFAULT_GROUP)) == 51
+
+
+async def test_a_message_too_large_for_the_target_stops_with_the_rest_left_on_the_source(
+) -> None:
+    messages = sample(300)
+    messages[130] = unibus.Message(b"z" * 200, key="big")
+    async with brokers(target_options="?max_message_size=100") as (src, dst):
+        await src.publish_many(TOPIC, messages)
+
+        with pytest.raises(unibus.MigrationFailed, match="200 bytes") as caught:
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=100)
+
+        report = caught.value.report
+        assert (report.written, report.acked) == (130, 130)
+        assert report.failed == 70
+        assert isinstance(caught.value.__cause__, unibus.MessageTooLarge)
+        written = await drain(dst, "readers")
+        left = await drain(src, DEFAULT_GROUP)
+    assert [m.id for m in written] == [m.id for m in messages[:130]]
+    assert sorted(m.id for m in left) == sorted(m.id for m in messages[130:])
+
+
+async def test_a_target_that_is_down_stops_the_migration_and_nothing_is_acked() -> None:
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(200))
+
+        async def down(messages: Sequence[unibus.Message]) -> None:
+            raise BrokerUnavailable("target unreachable (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = down
+        with pytest.raises(unibus.MigrationFailed, match="BrokerUnavailable") as caught:
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=50)
+
+        assert (caught.value.report.written, caught.value.report.acked) == (0, 0)
+        assert caught.value.report.failed == 50
+        assert len(await drain(src, DEFAULT_GROUP)) == 200
+
+
+async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_duplicates(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    sent = sample(1000)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        published = 0
+        cut = asyncio.Event()
+
+        async def hang_after_the_fourth_batch(messages: Sequence[unibus.Message]) -> None:
+            nonlocal published
+            published += 1
+            if published == 4:
+                # Written on the target, never acked on the source: a crash right here.
+                cut.set()
+                await asyncio.Future()
+
+        HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_fourth_batch
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                                   checkpoint=checkpoint, verify=True))
+        await cut.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        saved = json.loads(checkpoint.read_text())
+        assert (saved["written"], len(saved["in_flight"])) == (300, 100)
+        del HookedMemoryAdapter.after[dst.url.host or ""]
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                      checkpoint=checkpoint, verify=True)
+
+        received = await drain(dst, "readers")
+    assert report.runs == 2
+    assert (report.read, report.written, report.duplicates) == (1100, 1000, 100)
+    assert report.verify is not None
+    assert report.verify.ok
+    assert (report.verify.expected, report.verify.lost_count) == (1000, 0)
+    assert (report.verify.duplicates, report.verify.received) == (100, 1100)
+    assert {m.id for m in received} == {m.id for m in sent}
+
+
+async def test_verify_reports_lost_messages_and_body_mismatches(tmp_path: Path) -> None:
+    sent = sample(100)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+
+        tampered = False
+
+        async def corrupt_and_drop(messages: Sequence[unibus.Message]) -> None:
+            nonlocal tampered
+            if tampered:
+                return
+            tampered = True
+            # Behind the migrator's back: drop one copy from the verify group and
+            # put a different body under another id.
+            async with dst.subscribe(TOPIC, group=DEFAULT_VERIFY_GROUP) as sub:
+                for delivery in await sub.fetch(1, 1.0):
+                    await delivery.ack()
+            await dst.publish(TOPIC, b"tampered", id=sent[5].id)
+
+        HookedMemoryAdapter.after[dst.url.host or ""] = corrupt_and_drop
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                      checkpoint=tmp_path / "c", verify=True)
+
+    assert report.verify is not None
+    assert not report.verify.ok
+    assert report.verify.lost == [sent[0].id]
+    assert report.verify.mismatched == [sent[5].id]
+    assert report.verify.duplicates == 1
+
+
+async def test_a_checkpoint_of_another_migration_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    async with brokers() as (src, dst):
+        await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint)
+
+        with pytest.raises(ValueError, match="resume it with the same arguments"):
+            await unibus.migrate(src.url, dst.url, TOPIC, to_topic="other",
+                                 checkpoint=checkpoint)
+
+
+async def test_follow_keeps_moving_new_messages_until_stopped() -> None:
+    stop = asyncio.Event()
+    async with brokers() as (src, dst):
+        seen = asyncio.Event()
+
+        def progress(report: unibus.MigrationReport) -> None:
+            if report.written >= 20:
+                seen.set()
+
+        task = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, follow=True,
+                                                  stop=stop, progress=progress))
+        await src.publish_many(TOPIC, sample(10))
+        await src.publish_many(TOPIC, sample(10))
+        await seen.wait()
+        stop.set()
+        report = await task
+    assert report.written == 20
+
+
+async def test_rate_paces_the_migration() -> None:
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(500, size=8))
+        started = time.monotonic()
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, rate=1000, batch=100,
+                                      limit=500)
+
+        elapsed = time.monotonic() - started
+    # A burst of one batch (100), then 400 more at 1000/s: at least 0.4 s.
+    assert report.written == 500
+    assert elapsed >= 0.4
+
+
+async def test_a_refused_batch_fails_the_migration_before_any_verify() -> None:
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(10))
+
+        async def refuse(messages: Sequence[unibus.Message]) -> None:
+            raise PublishFailed("refused (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = refuse
+        with pytest.raises(unibus.MigrationFailed) as caught:
+            await unibus.migrate(src.url, dst.url, TOPIC, verify=True)
+    assert caught.value.report.verify is None
+    assert "PublishFailed: refused (test)" in caught.value.report.failures[0]
+
+
+# --------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def held_pair() -> Iterator[tuple[str, str]]:
+    """A source and a target memory broker kept alive between CLI invocations.
+
+    The source declares the migrate group on ``orders.eu`` and holds 300 messages;
+    the target's limit is 100 bytes and it declares ``readers``.
+    """
+    name = uuid.uuid4().hex
+    src = unibus.connect(f"memory://src-{name}")
+    dst = unibus.connect(f"memory://dst-{name}?max_message_size=100")
+
+    async def open_them() -> None:
+        await src.open()
+        await dst.open()
+        await src.declare_group(TOPIC, DEFAULT_GROUP)
+        await dst.declare_group(TOPIC, "readers")
+        await src.publish_many(TOPIC, sample(300, size=16))
+
+    async def close_them() -> None:
+        await src.aclose()
+        await dst.aclose()
+
+    asyncio.run(open_them())
+    try:
+        yield str(src.url), str(dst.url)
+    finally:
+        asyncio.run(close_them())
+
+
+def test_cli_migrate_prints_a_json_report_with_verify(held_pair: tuple[str, str],
+                                                      tmp_path: Path) -> None:
+    source, target = held_pair
+    checkpoint = tmp_path / "c.json"
+
+    result = runner.invoke(cli, ["migrate", "--from", source, "--to", target, "--topic", TOPIC,
+                                 "--batch", "64", "--checkpoint", str(checkpoint), "--verify",
+                                 "--json"])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["read"], report["written"], report["acked"]) == (300, 300, 300)
+    assert report["error"] is None
+    assert report["verify"]["ok"] is True
+    assert (report["verify"]["lost"], report["verify"]["duplicates"]) == (0, 0)
+    assert json.loads(checkpoint.read_text())["in_flight"] == []
+
+
+def test_cli_migrate_exits_1_with_the_reason_when_a_message_is_too_large(
+        held_pair: tuple[str, str]) -> None:
+    source, target = held_pair
+    asyncio.run(_publish_one(source, b"z" * 101))
+
+    result = runner.invoke(cli, ["migrate", "--from", source, "--to", target, "--topic", TOPIC,
+                                 "--json"])
+
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert (report["written"], report["failed"]) == (300, 1)
+    assert "101 bytes" in report["error"]
+    assert "101 bytes" in result.stderr
+
+
+def test_cli_migrate_refuses_until_empty_with_follow() -> None:
+    result = runner.invoke(cli, ["migrate", "--from", "memory://a", "--to", "memory://b",
+                                 "--topic", TOPIC, "--until-empty", "--follow"])
+
+    assert result.exit_code == 2
+    assert "not both" in result.stderr
+
+
+async def _publish_one(url: str, body: bytes) -> None:
+    async with unibus.connect(url) as bus:
+        await bus.publish(TOPIC, body)
+
+
+def test_cli_migrate_follow_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c.json"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from unibus.cli import main; main()", "migrate",
+         "--from", "memory://a", "--to", "memory://b", "--topic", TOPIC, "--follow",
+         "--checkpoint", str(checkpoint), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The first checkpoint is written after the signal handlers are installed.
+        deadline = time.monotonic() + 30
+        while not checkpoint.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "the migrator never started"
+            time.sleep(0.01)  # a poll interval: the file itself is the barrier
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    report = json.loads(out)
+    assert (report["read"], report["error"]) == (0, None)

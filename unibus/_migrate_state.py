@@ -1,0 +1,152 @@
+"""What ``unibus migrate`` keeps between runs: the checkpoint, the ledgers, the rate.
+
+A checkpoint ``FILE`` is a small JSON document replaced atomically (write a temporary
+file, then rename) before every batch is published. It holds the cumulative counts
+and the ids of the batch in flight. Beside it, two append-only ledgers of JSON lines
+``[id, sha256-of-body]``:
+
+- ``FILE.ledger``: every message read from the source, appended before the batch is
+  published (so a message the target may hold is always in the ledger);
+- ``FILE.verify``: every message read back from the target's verify group.
+
+Appends are flushed per batch, so they survive the process being killed at any point
+(SIGKILL); a line cut short by the kill is ignored on load. The source group is the
+durable cursor: the checkpoint only makes the counts, duplicates and ``--verify``
+survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["Checkpoint", "CheckpointState", "Ledger", "TokenBucket"]
+
+_VERSION = 1
+
+
+@dataclass
+class CheckpointState:
+    """The JSON content of a checkpoint file."""
+
+    source: str
+    target: str
+    topic: str
+    to_topic: str
+    group: str
+    read: int = 0
+    written: int = 0
+    acked: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    runs: int = 0
+    in_flight: list[str] = field(default_factory=list)
+    version: int = _VERSION
+
+    def identity(self) -> tuple[str, str, str, str, str]:
+        """What must match for a checkpoint to be resumed."""
+        return (self.source, self.target, self.topic, self.to_topic, self.group)
+
+
+class Checkpoint:
+    """A checkpoint file, rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._temporary = path.with_name(path.name + ".tmp")
+
+    def load(self) -> CheckpointState | None:
+        """Return the saved state, or ``None`` when the file does not exist.
+
+        Raises:
+            ValueError: The file is not a unibus migrate checkpoint.
+        """
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            data: dict[str, Any] = json.loads(text)
+            if data.get("version") != _VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+            return CheckpointState(**data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{self.path} is not a unibus migrate checkpoint ({exc}); "
+                             "give another --checkpoint file") from exc
+
+    def save(self, state: CheckpointState) -> None:
+        """Replace the file with ``state``: a reader sees the old or the new, never half."""
+        with self._temporary.open("w", encoding="utf-8") as out:
+            json.dump(asdict(state), out, ensure_ascii=False)
+        os.replace(self._temporary, self.path)
+
+
+class Ledger:
+    """An append-only file of ``[id, sha256]`` JSON lines, or memory only without a path."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._out: IO[str] | None = None
+
+    def load(self) -> Iterator[tuple[str, str]]:
+        """Yield the recorded ``(id, sha256)`` pairs; a torn last line is skipped."""
+        if self.path is None or not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if not line.endswith("\n"):
+                    return  # cut short by a kill: that batch was never published
+                try:
+                    message_id, digest = json.loads(line)
+                except ValueError:
+                    continue
+                yield str(message_id), str(digest)
+
+    def append(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Record ``entries`` and flush them to the operating system."""
+        if self.path is None:
+            return
+        if self._out is None:
+            self._out = self.path.open("a", encoding="utf-8")
+        self._out.write("".join(json.dumps(entry, ensure_ascii=False) + "\n"
+                                for entry in entries))
+        self._out.flush()
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+class TokenBucket:
+    """Admit at most ``rate`` messages per second, a batch at a time.
+
+    The burst is one batch (and at most one second's worth), so that the pace holds
+    from the second batch on rather than after a second of full speed.
+    """
+
+    def __init__(self, rate: float, batch: int) -> None:
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0 messages per second, got {rate}")
+        self.rate = rate
+        #: The batch size the bucket admits: ``batch``, capped at one second's worth.
+        self.batch = max(1, min(batch, int(rate)))
+        self._tokens = float(self.batch)
+        self._last = time.monotonic()
+
+    async def take(self, count: int) -> None:
+        """Wait until ``count`` messages may pass, then take them."""
+        now = time.monotonic()
+        self._tokens = min(self.batch, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= count
+        if self._tokens < 0:
+            # Pacing, not a barrier: the debt is paid back at the configured rate.
+            await asyncio.sleep(-self._tokens / self.rate)
