@@ -67,11 +67,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Report each broker started in this session and its start-to-ready times.
+    """Report each fault run's figures, and each broker started in this session with
+    its start-to-ready times.
 
     Args:
         terminalreporter: pytest's terminal reporter.
     """
+    from unibus_contract.faults import recorded
+
+    if recorded:
+        terminalreporter.section("unibus fault figures")
+        for figures in recorded:
+            terminalreporter.write_line(figures.line)
     if not _launched:
         return
     terminalreporter.section("unibus brokers")

@@ -17,7 +17,11 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-__all__ = ["FaultFigures", "fault_figures", "longest_gap"]
+__all__ = ["FaultFigures", "fault_figures", "longest_gap", "recorded"]
+
+#: Every fault run's figures in this process, in order; the pytest plugin prints
+#: them at the end of the session, so CI's log shows them without ``-s``.
+recorded: list[FaultFigures] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +70,9 @@ def fault_figures(name: str, *, published: int, confirmed: int | Collection[str]
     line = (f"{name}: published={published} confirmed={count} received_unique={unique} "
             f"duplicates={duplicates} lost={lost} recovery_s={shown} {extra}").rstrip()
     print(f"\n{line}")
-    return FaultFigures(name, published, count, unique, duplicates, lost, recovery, line)
+    figures = FaultFigures(name, published, count, unique, duplicates, lost, recovery, line)
+    recorded.append(figures)
+    return figures
 
 
 def longest_gap(times: Sequence[float]) -> float:

@@ -93,7 +93,8 @@ async def test_g1_broker_restart_mid_stream_loses_no_confirmed_message(
 
     recovery = max(marks.get("published_after", float("inf")),
                    marks.get("received_after", float("inf"))) - marks["restart"]
-    lost = fault_figures("G1 broker restart", published=published, confirmed=confirmed,
+    lost = fault_figures("kafka G1 broker restarted", published=published,
+                         confirmed=confirmed,
                    received=received, recovery=recovery,
                    extra=f"broker_restart_s={marks['restart_done'] - marks['restart']:.2f} "
                          f"publish_retries={sum(retries.values())}").lost
@@ -146,7 +147,7 @@ async def test_g3_consumer_sigkilled_mid_batch_loses_nothing(kafka_url: str,
                     first_after = first_after or time.monotonic()
                     received[delivery.id] += 1
                     await delivery.ack()
-    lost = fault_figures("G3 consumer SIGKILL", published=total, confirmed=confirmed,
+    lost = fault_figures("kafka G3 consumer SIGKILL", published=total, confirmed=confirmed,
                    received=received,
                    recovery=(first_after or float("inf")) - killed,
                    extra=f"child_acked={len(child_acked)} "

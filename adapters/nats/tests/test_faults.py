@@ -98,8 +98,9 @@ async def test_g1_server_restarted_mid_stream_loses_no_confirmed_message(
     # Recovery: the longest silence of the consumer while the restart happened.
     recovery = longest_gap([t for t in arrivals if restart_at is not None
                             and t >= restart_at - 1]) if arrivals else None
-    record_property("figures", fault_figures("G1", published=published, confirmed=len(confirmed),
-                                       received=received, lost=lost, recovery=recovery).line)
+    record_property("figures", fault_figures(
+        "nats G1 server restarted", published=published, confirmed=len(confirmed),
+        received=received, lost=lost, recovery=recovery).line)
     print(f"G1: {during[0]} message(s) published while the server restarted")
     assert restart_at is not None, "the server was never restarted"
     assert during[0] > 0, "nothing was published during the restart"
@@ -174,8 +175,9 @@ async def test_g2_server_paused_then_resumed_loses_no_confirmed_message(
     lost = len(confirmed - received.keys())
     recovery = longest_gap([t for t in arrivals if paused_at is not None
                             and t >= paused_at - 1]) - pause_for if arrivals else None
-    record_property("figures", fault_figures("G2", published=published, confirmed=len(confirmed),
-                                       received=received, lost=lost, recovery=recovery).line)
+    record_property("figures", fault_figures(
+        "nats G2 server paused", published=published, confirmed=len(confirmed),
+        received=received, lost=lost, recovery=recovery).line)
     print(f"G2: {during[0]} message(s) published while the server was paused")
     assert paused_at is not None, "the server was never paused"
     assert during[0] > 0, "nothing was published during the pause"
@@ -226,8 +228,9 @@ async def test_g3_consumer_sigkilled_mid_batch_gets_every_unacked_message_redeli
     lost = len({m.id for m in sent} - everyone)
     redelivered_twice = len(acked & received.keys())
     recovery = None if last_held_at is None else last_held_at - killed_at
-    record_property("figures", fault_figures("G3", published=total, confirmed=total,
-                                       received=received, lost=lost, recovery=recovery).line)
+    record_property("figures", fault_figures(
+        "nats G3 consumer SIGKILL", published=total, confirmed=total,
+        received=received, lost=lost, recovery=recovery).line)
     assert held <= received.keys(), "a message held by the killed consumer never came back"
     assert redelivered_twice == 0, "a message the killed consumer acked came back"
     assert lost == 0
