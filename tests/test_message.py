@@ -8,6 +8,7 @@ import pickle
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from types import MappingProxyType
 
 import pytest
 
@@ -379,3 +380,14 @@ def test_message_repr_shows_a_large_body_shortened() -> None:
 
     assert len(text) < 400
     assert "..." in text
+
+
+def test_a_trusted_message_equals_the_validated_one_and_stays_immutable() -> None:
+    checked = Message(b"body", "id-1", "k", {"h": "v"})
+    trusted = Message.trusted(b"body", "id-1", "k", MappingProxyType({"h": "v"}),
+                              checked.timestamp)
+
+    assert trusted == checked
+    assert dict(Message.trusted(b"", "id-2", None, None, checked.timestamp).headers) == {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trusted.body = b"other"

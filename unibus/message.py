@@ -127,6 +127,25 @@ class Message:
         _set(self, "headers", headers)
         _set(self, "timestamp", timestamp)
 
+    @classmethod
+    def trusted(cls, body: bytes, id: str, key: str | None, headers: Mapping[str, str] | None,
+                timestamp: datetime) -> Message:
+        """Build a message from values an adapter decoded off the wire, unvalidated.
+
+        For adapters' receive paths only: the message was validated when it was
+        published, and re-checking every field of every received message costs more
+        than the rest of decoding. The caller guarantees the types the constructor
+        checks: ``bytes`` body, non-empty ``str`` id, ``str`` or ``None`` key, a
+        read-only ``str → str`` mapping (or ``None``) for headers, an aware timestamp.
+        """
+        message = _new(cls)
+        _set_body(message, body)
+        _set_id(message, id)
+        _set_key(message, key)
+        _set_headers(message, _NO_HEADERS if headers is None else headers)
+        _set_timestamp(message, timestamp)
+        return message
+
     def __setattr__(self, name: str, value: object) -> None:
         raise FrozenInstanceError(f"Message is immutable: cannot set {name!r}; "
                                   "use message.replace(...)")
@@ -164,6 +183,15 @@ class Message:
 
     def __reduce__(self) -> tuple[object, ...]:
         return (Message, (self.body, self.id, self.key, dict(self.headers), self.timestamp))
+
+
+_new = object.__new__
+# The slots' own descriptors: setting through them skips __setattr__ (which refuses).
+_set_body = Message.__dict__["body"].__set__
+_set_id = Message.__dict__["id"].__set__
+_set_key = Message.__dict__["key"].__set__
+_set_headers = Message.__dict__["headers"].__set__
+_set_timestamp = Message.__dict__["timestamp"].__set__
 
 
 def _coerce_body(body: object) -> bytes:

@@ -62,26 +62,8 @@ _FLOAT_EXACT = 2**31 * 1_000_000
 _plain_block = _PLAIN_BLOCK.fullmatch
 _from_float = datetime.fromtimestamp
 
-# Values decoded from the wire already have the types Message validates, so decode
-# sets the slots directly instead of going through the validating constructor.
-_new_message = Message.__new__
-_set_body = Message.__dict__["body"].__set__
-_set_id = Message.__dict__["id"].__set__
-_set_key = Message.__dict__["key"].__set__
-_set_headers = Message.__dict__["headers"].__set__
-_set_timestamp = Message.__dict__["timestamp"].__set__
-
-
-def _message(body: bytes, id: str, key: str | None, headers: Mapping[str, str],
-             timestamp: datetime) -> Message:
-    """A Message from well-typed values (bytes, a non-empty str, ...), unvalidated."""
-    message = _new_message(Message)
-    _set_body(message, body)
-    _set_id(message, id)
-    _set_key(message, key)
-    _set_headers(message, headers)
-    _set_timestamp(message, timestamp)
-    return message
+# Values decoded from the wire already have the types Message validates.
+_message = Message.trusted
 
 
 def micros(when: datetime) -> int:
@@ -232,14 +214,9 @@ def decode_plain(body: bytes, block: bytes) -> Message | None:
     if "%" in id:
         id = unquote(id, errors="strict")
     stamp = int(raw_ts)
-    message = _new_message(Message)
-    _set_body(message, body)
-    _set_id(message, id)
-    _set_key(message, None)
-    _set_headers(message, _NO_HEADERS)
-    _set_timestamp(message, _from_float(stamp / 1e6, UTC) if stamp < _FLOAT_EXACT
-                   else _from_micros(stamp))
-    return message
+    return _message(body, id, None, None,
+                    _from_float(stamp / 1e6, UTC) if stamp < _FLOAT_EXACT
+                    else _from_micros(stamp))
 
 
 def _user_headers(text: str) -> Mapping[str, str]:
