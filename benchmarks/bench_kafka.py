@@ -163,6 +163,7 @@ class Unibus:
             seen = 0
             while seen < count:
                 for delivery in await sub.fetch(timeout=1.0):
+                    delivery.body   # noqa: B018 - read, as raw reads record.value()
                     await delivery.ack()
                     seen += 1
 

@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 import pytest
 
+import unibus.message
 from tests.helpers import NoOffset
 from unibus import (
     AlreadySettled,
@@ -26,6 +27,7 @@ from unibus import (
     UnsupportedFeature,
     new_message_id,
 )
+from unibus.message import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US
 from unibus.spi import Consumer
 
 
@@ -224,6 +226,27 @@ def test_default_timestamp_is_timezone_aware_utc_now() -> None:
     assert before <= message.timestamp <= after
 
 
+def test_timestamp_us_is_the_timestamp_in_exact_microseconds() -> None:
+    stamp = datetime(2026, 11, 27, 9, 54, 22, 123457, tzinfo=UTC)
+    assert Message(b"", timestamp=stamp).timestamp_us == 1_795_773_262_123_457
+    made = Message(b"")
+    assert made.timestamp == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
+        microseconds=made.timestamp_us)
+    assert Message.trusted(b"", "i", None, None, MAX_TIMESTAMP_US).timestamp.year == 9999
+    assert Message.trusted(b"", "i", None, None, MIN_TIMESTAMP_US).timestamp.year == 1
+
+
+def test_ids_stay_ordered_past_4096_in_one_millisecond(monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: frozen)
+    # A clock of its own: running ahead of time here must not reach other tests.
+    monkeypatch.setattr(unibus.message, "_clock", unibus.message._IdClock())
+    ids = [new_message_id() for _ in range(10_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(i[14] == "7" and i[19] in "89ab" for i in ids)
+
+
 def test_given_aware_timestamp_is_kept() -> None:
     stamp = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))
 
@@ -241,7 +264,7 @@ def test_message_is_immutable() -> None:
     message = Message(b"x")
 
     with pytest.raises(dataclasses.FrozenInstanceError):
-        message.body = b"y"
+        message.body = b"y"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         del message.key
     assert message.body == b"x"
@@ -385,9 +408,10 @@ def test_message_repr_shows_a_large_body_shortened() -> None:
 def test_a_trusted_message_equals_the_validated_one_and_stays_immutable() -> None:
     checked = Message(b"body", "id-1", "k", {"h": "v"})
     trusted = Message.trusted(b"body", "id-1", "k", MappingProxyType({"h": "v"}),
-                              checked.timestamp)
+                              checked.timestamp_us)
 
     assert trusted == checked
-    assert dict(Message.trusted(b"", "id-2", None, None, checked.timestamp).headers) == {}
+    assert trusted.timestamp == checked.timestamp
+    assert dict(Message.trusted(b"", "id-2", None, None, checked.timestamp_us).headers) == {}
     with pytest.raises(dataclasses.FrozenInstanceError):
-        trusted.body = b"other"
+        trusted.body = b"other"  # type: ignore[misc]

@@ -14,8 +14,9 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import FrozenInstanceError
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
+from operator import attrgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +31,36 @@ _getrandbits = random.getrandbits
 
 
 class _IdClock:
-    """The millisecond and sequence of the last id, so ids of one process sort in order."""
+    """The millisecond and sequence of the last id, so ids of one process sort in order.
 
-    __slots__ = ("ms", "seq")
+    ``prefix`` is the id's text up to the sequence and ``tail`` its text after it,
+    both made once per millisecond.
+    """
+
+    __slots__ = ("ms", "prefix", "seq", "tail")
 
     def __init__(self) -> None:
         self.ms = 0
         self.seq = 0
+        self.prefix = ""
+        self.tail = ""
+
+    def tick(self, ms: int) -> int:
+        """Move to millisecond ``ms``: a random sequence start, a random ``rand_b``."""
+        self.ms = ms
+        # A random start leaves room for 2048 or more ids in the same millisecond.
+        self.seq = seq = _getrandbits(11)
+        self.prefix = "%08x-%04x-7" % (ms >> 16, ms & 0xFFFF)  # noqa: UP031 - fastest
+        # The variant bits (0b10), then 62 random bits.
+        rand_b = "%016x" % (_VARIANT | _getrandbits(62))  # noqa: UP031
+        self.tail = rand_b[:4] + "-" + rand_b[4:]
+        return seq
 
 
 _clock = _IdClock()
+# The sequence field as text (three hex digits and the dash after it), by value.
+_SEQ_TEXT = tuple("%03x-" % n for n in range(0x1000))  # noqa: UP031 - mirrors the id format
+_VARIANT = 0x8000_0000_0000_0000
 
 
 class _Keep:
@@ -53,26 +74,39 @@ def new_message_id() -> str:
     """Return a new UUIDv7 string: unique, 36 characters, time-ordered.
 
     Ids made by one process sort in the order they were made, also within one
-    millisecond (RFC 9562 method 1: a counter in ``rand_a``, seeded at random
-    each millisecond) and when the wall clock steps back.
+    millisecond and when the wall clock steps back (RFC 9562 method 1: a counter in
+    ``rand_a``, seeded at random each millisecond). ``rand_b`` is drawn at random
+    each millisecond: within one, the ids of a process differ by their counter.
     """
+    return _id_at(time.time_ns() // 1_000_000)
+
+
+def _id_at(ms: int) -> str:
+    # This runs once per published message: the text around the counter is made
+    # once per millisecond, leaving one lookup and two concatenations per id.
     clock = _clock
-    ms = time.time_ns() // 1_000_000
     if ms > clock.ms:
-        # A random start leaves room for 2048 or more ids in the same millisecond.
-        clock.ms, clock.seq = ms, _getrandbits(11)
+        seq = clock.tick(ms)
     else:
-        clock.seq += 1
-        if clock.seq > 0xFFF:
-            clock.ms, clock.seq = clock.ms + 1, 0
-    ms = clock.ms
-    rand = _getrandbits(62)
-    return "%08x-%04x-7%03x-%04x-%012x" % (  # noqa: UP031 - the fastest formatting here
-        ms >> 16, ms & 0xFFFF, clock.seq, 0x8000 | rand >> 48, rand & 0xFFFFFFFFFFFF)
+        seq = clock.seq = clock.seq + 1
+        if seq > 0xFFF:
+            seq = clock.tick(clock.ms + 1)
+    return clock.prefix + _SEQ_TEXT[seq] + clock.tail
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
-_set = object.__setattr__
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float rounding)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+#: The range of ``Message.timestamp_us`` that a datetime can carry (years 1 to 9999).
+MIN_TIMESTAMP_US = _micros(datetime.min.replace(tzinfo=UTC))
+MAX_TIMESTAMP_US = _micros(datetime.max.replace(tzinfo=UTC))
 
 
 class Message:
@@ -84,18 +118,31 @@ class Message:
         key: Optional ordering key: the same key keeps its order where the
             adapter declares per-key ordering.
         headers: ``str → str`` metadata, delivered exactly (a read-only copy).
-        timestamp: UTC time of creation (which is publish time unless given).
     """
 
     # A hand-written class rather than a frozen dataclass: messages are built on the
-    # hot path, and this __init__ costs about half of the generated one.
-    __slots__ = ("body", "headers", "id", "key", "timestamp")
+    # hot path. The fields live in private slots, set directly (no __setattr__ hook
+    # to bypass), behind read-only properties; the time is kept as integer
+    # microseconds (what every adapter puts on the wire) and the datetime made when
+    # ``timestamp`` is first read.
+    __slots__ = ("_at", "_body", "_headers", "_id", "_key", "_us")
 
-    body: bytes
-    id: str
-    key: str | None
-    headers: Mapping[str, str]
-    timestamp: datetime
+    _body: bytes
+    _id: str
+    _key: str | None
+    _headers: Mapping[str, str]
+    _us: int
+    _at: datetime | None
+
+    if TYPE_CHECKING:
+        @property
+        def body(self) -> bytes: ...
+        @property
+        def id(self) -> str: ...
+        @property
+        def key(self) -> str | None: ...
+        @property
+        def headers(self) -> Mapping[str, str]: ...
 
     def __init__(self, body: bytes, id: str | None = None, key: str | None = None,
                  headers: Mapping[str, str] | None = None,
@@ -108,50 +155,64 @@ class Message:
         """
         if type(body) is not bytes:
             body = _coerce_body(body)
+        if timestamp is None:
+            ns = time.time_ns()
+            self._us = ns // 1000
+            self._at = None
+            if id is None:
+                id = _id_at(ns // 1_000_000)
+        else:
+            if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
+                raise InvalidMessage("message timestamp must be a timezone-aware datetime")
+            self._us = _micros(timestamp)
+            self._at = timestamp
         if id is None:
             id = new_message_id()
         elif type(id) is not str or not id:
             raise InvalidMessage(f"message id must be a non-empty str, not {id!r}")
         if key is not None and type(key) is not str:
             raise InvalidMessage(f"message key must be a str or None, not {type(key).__name__}")
+        self._body = body
+        self._id = id
+        self._key = key
         # A private read-only copy: one Message fans out to many deliveries, and
         # none of them may change what the others see.
-        headers = _NO_HEADERS if headers is None else _check_headers(headers)
-        if timestamp is None:
-            timestamp = datetime.now(UTC)
-        elif not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
-            raise InvalidMessage("message timestamp must be a timezone-aware datetime")
-        _set(self, "body", body)
-        _set(self, "id", id)
-        _set(self, "key", key)
-        _set(self, "headers", headers)
-        _set(self, "timestamp", timestamp)
+        self._headers = _NO_HEADERS if headers is None else _check_headers(headers)
 
     @classmethod
     def trusted(cls, body: bytes, id: str, key: str | None, headers: Mapping[str, str] | None,
-                timestamp: datetime) -> Message:
+                timestamp_us: int) -> Message:
         """Build a message from values an adapter decoded off the wire, unvalidated.
 
         For adapters' receive paths only: the message was validated when it was
         published, and re-checking every field of every received message costs more
         than the rest of decoding. The caller guarantees the types the constructor
         checks: ``bytes`` body, non-empty ``str`` id, ``str`` or ``None`` key, a
-        read-only ``str → str`` mapping (or ``None``) for headers, an aware timestamp.
+        read-only ``str → str`` mapping (or ``None``) for headers, and the time in
+        integer microseconds since the epoch, within ``MIN_TIMESTAMP_US`` and
+        ``MAX_TIMESTAMP_US``.
         """
         message = _new(cls)
-        _set_body(message, body)
-        _set_id(message, id)
-        _set_key(message, key)
-        _set_headers(message, _NO_HEADERS if headers is None else headers)
-        _set_timestamp(message, timestamp)
+        message._body = body
+        message._id = id
+        message._key = key
+        message._headers = _NO_HEADERS if headers is None else headers
+        message._us = timestamp_us
+        message._at = None
         return message
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise FrozenInstanceError(f"Message is immutable: cannot set {name!r}; "
-                                  "use message.replace(...)")
+    @property
+    def timestamp(self) -> datetime:
+        """The time of creation (which is publish time unless given): UTC unless given."""
+        at = self._at
+        if at is None:
+            at = self._at = _EPOCH + timedelta(microseconds=self._us)
+        return at
 
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"Message is immutable: cannot delete {name!r}")
+    @property
+    def timestamp_us(self) -> int:
+        """``timestamp`` as integer microseconds since the epoch, exactly."""
+        return self._us
 
     def replace(self, *, body: bytes | None = None, id: str | None = None,
                 key: str | _Keep | None = _KEEP, headers: Mapping[str, str] | None = None,
@@ -167,7 +228,7 @@ class Message:
                        self.timestamp if timestamp is None else timestamp)
 
     def _fields(self) -> tuple[object, ...]:
-        return (self.body, self.id, self.key, dict(self.headers), self.timestamp)
+        return (self.body, self.id, self.key, dict(self.headers), self._us)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -186,12 +247,23 @@ class Message:
 
 
 _new = object.__new__
-# The slots' own descriptors: setting through them skips __setattr__ (which refuses).
-_set_body = Message.__dict__["body"].__set__
-_set_id = Message.__dict__["id"].__set__
-_set_key = Message.__dict__["key"].__set__
-_set_headers = Message.__dict__["headers"].__set__
-_set_timestamp = Message.__dict__["timestamp"].__set__
+
+
+def _read_only(name: str) -> property:
+    """A property reading the private slot of field ``name``, refusing to change it."""
+    def refuse(message: Message, value: object = None) -> None:
+        raise FrozenInstanceError(f"Message is immutable: cannot change {name!r}; "
+                                  "use message.replace(...)")
+    # attrgetter reads in C: these are read once or more per message on every path.
+    return property(attrgetter("_" + name), refuse, refuse,
+                    f"The message's {name} (read-only).")
+
+
+if not TYPE_CHECKING:
+    Message.body = _read_only("body")
+    Message.id = _read_only("id")
+    Message.key = _read_only("key")
+    Message.headers = _read_only("headers")
 
 
 def _coerce_body(body: object) -> bytes:
@@ -225,7 +297,6 @@ class Delivery:
     """A received message, to be settled exactly once.
 
     Attributes:
-        message: The message as published.
         topic: The topic it was published to.
         group: The group it was delivered through, or ``None`` for an ephemeral
             subscription.
@@ -233,17 +304,34 @@ class Delivery:
         token: Adapter-private bookkeeping (a delivery tag, an offset, ...).
     """
 
-    __slots__ = ("_consumer", "attempt", "group", "message", "outcome", "token", "topic")
+    __slots__ = ("_consumer", "_message", "attempt", "group", "outcome", "token", "topic")
 
     def __init__(self, message: Message, *, topic: str, group: str | None, attempt: int,
                  consumer: Consumer, token: Any = None) -> None:
-        self.message = message
+        self._message: Message | None = message
         self.topic = topic
         self.group = group
         self.attempt = attempt
         self.token = token
         self.outcome: Outcome | None = None
         self._consumer = consumer
+
+    @property
+    def message(self) -> Message:
+        """The message as published."""
+        message = self._message
+        if message is None:
+            message = self._message = self._decode()
+        return message
+
+    def _decode(self) -> Message:
+        """Build the message of a delivery made without one (``_message`` left ``None``).
+
+        An adapter whose deliveries decode their message only when it is first read
+        subclasses :class:`Delivery` and overrides this; it is called at most once.
+        """
+        raise TypeError(f"{type(self).__name__} was made without a message and "
+                        "does not override Delivery._decode")
 
     @property
     def id(self) -> str:

@@ -20,7 +20,7 @@ from unibus.errors import (
     UnibusError,
 )
 from unibus.message import Message
-from unibus_kafka._codec import decode, encode_headers
+from unibus_kafka._codec import decode, decode_plain, encode_headers, is_plain
 from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
 from unibus_kafka._offsets import PartitionState
 
@@ -155,23 +155,35 @@ def test_records_round_trip_ids_timestamps_keys_and_reserved_header_names() -> N
                       headers={"unibus.id": "user's own", "é": "", "plain": "v"},
                       timestamp=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
     headers = encode_headers(message, [("unibus.attempt", "3")])
-    record = decode(FakeRecord(message.body, b"cust-7", headers))
-    got = record.message
+    got, topic, attempt, due = decode(FakeRecord(message.body, b"cust-7", headers))
     assert (got.id, got.body, got.key, got.timestamp) == (
         message.id, message.body, message.key, message.timestamp)
     assert dict(got.headers) == dict(message.headers)
-    assert record.attempt == 3
-    assert record.topic == "orders"
-    assert record.source == ("orders", 2, 41)
+    assert (topic, attempt, due) == ("orders", 3, 0.0)
+
+
+def test_a_plain_record_decodes_lazily_to_the_same_message() -> None:
+    message = Message(b"body", key="k",
+                      timestamp=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+    record = FakeRecord(message.body, b"k", encode_headers(message))
+    assert is_plain(record.headers())
+    assert decode_plain(record) == message == decode(record)[0]
+    assert not is_plain(encode_headers(message, [("unibus.attempt", "2")]))
+
+
+def test_a_plain_record_with_a_corrupt_timestamp_falls_back_to_the_broker_time() -> None:
+    record = FakeRecord(b"", None, [("unibus.id", b"id-1"), ("unibus.ts", b"9" * 18)])
+    got = decode_plain(record)
+    assert got.id == "id-1"
+    assert got.timestamp == datetime.fromtimestamp(1_700_000_000.123, UTC)
 
 
 def test_a_foreign_record_gets_a_positional_id_and_the_broker_timestamp() -> None:
-    record = decode(FakeRecord(None, None, None))
-    assert record.message.id == "orders/2/41"
-    assert record.message.body == b""
-    assert record.message.key is None
-    assert record.message.timestamp == datetime.fromtimestamp(1_700_000_000.123, UTC)
-    assert record.attempt == 1
-    assert record.due == 0.0
+    message, topic, attempt, due = decode(FakeRecord(None, None, None))
+    assert message.id == "orders/2/41"
+    assert message.body == b""
+    assert message.key is None
+    assert message.timestamp == datetime.fromtimestamp(1_700_000_000.123, UTC)
+    assert (topic, attempt, due) == ("orders", 1, 0.0)
 
 

@@ -26,9 +26,10 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from unibus.message import Message
+from unibus.message import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US, Message
 
-__all__ = ["ID_HEADER", "TS_HEADER", "Record", "decode", "encode_headers", "timestamp_us"]
+__all__ = ["ID_HEADER", "TS_HEADER", "decode", "decode_plain", "encode_headers", "is_plain",
+           "timestamp_us"]
 
 _ID = ID_HEADER = "unibus.id"
 _TS = TS_HEADER = "unibus.ts"
@@ -42,7 +43,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # Values decoded from a record already have the types Message validates.
 _message = Message.trusted
-_fromtimestamp = datetime.fromtimestamp
 
 
 def timestamp_us(moment: datetime) -> int:
@@ -59,7 +59,7 @@ def encode_headers(message: Message, extra: list[tuple[str, str]] | None = None
         extra: Bookkeeping headers (attempt, due, origin topic) to add.
     """
     headers: list[tuple[str, bytes]] = [
-        (_ID, message.id.encode()), (_TS, b"%d" % timestamp_us(message.timestamp))]
+        (_ID, message.id.encode()), (_TS, b"%d" % message.timestamp_us)]
     if extra:
         headers.extend((name, value.encode()) for name, value in extra)
     for name, value in message.headers.items():
@@ -67,32 +67,6 @@ def encode_headers(message: Message, extra: list[tuple[str, str]] | None = None
             name = _ESCAPE + name
         headers.append((name, value.encode()))
     return headers
-
-
-class Record:
-    """A received record, decoded: the message plus unibus's bookkeeping.
-
-    Attributes:
-        message: The message as published.
-        topic: The topic it belongs to (the origin topic for retry-lane records).
-        attempt: The attempt this record is delivered as.
-        due: Epoch seconds before which it must not be delivered, or ``0.0``.
-        source: ``(topic, partition, offset)`` of the record itself, for commits.
-        offset: The record's offset (``source[2]``).
-        state: The consumer's bookkeeping of the record's partition (set by the consumer).
-    """
-
-    __slots__ = ("attempt", "due", "message", "offset", "source", "state", "topic")
-
-    def __init__(self, message: Message, topic: str, attempt: int, due: float,
-                 source: tuple[str, int, int], state: Any = None) -> None:
-        self.message = message
-        self.topic = topic
-        self.attempt = attempt
-        self.due = due
-        self.source = source
-        self.offset = source[2]
-        self.state: Any = state
 
 
 def _utf8(raw: bytes | None) -> str:
@@ -106,85 +80,83 @@ def _int(raw: bytes | None) -> int | None:
         return None   # a foreign producer's header: ignored, never fatal
 
 
-def decode(record: Any, state: Any = None) -> Record:
-    """Decode a ``confluent_kafka.Message`` into a :class:`Record`.
+def is_plain(raw_headers: list[tuple[str, bytes | None]] | None) -> bool:
+    """Whether a record carries exactly the id and timestamp headers, as unibus writes them.
 
-    A record published by another client (no ``unibus.id``) gets an id derived from
-    its position, and the broker's timestamp. This runs once per received record:
-    it is written for speed, with a fast path for the common record (exactly the id
-    and timestamp headers, as unibus writes them for a message without headers).
-
-    Args:
-        record: The driver's record.
-        state: The consumer's bookkeeping of the record's partition, bound to it.
+    Such a record is delivered as it came (its topic, attempt 1, no due time), so its
+    message can be decoded later, when first read (:func:`decode_plain`).
     """
-    raw_headers = record.headers()
-    if raw_headers is not None and len(raw_headers) == 2:
-        (id_name, id_raw), (ts_name, ts_raw) = raw_headers
-        if (id_name == _ID and ts_name == _TS and id_raw is not None
-                and ts_raw is not None and ts_raw.isdigit()):
-            topic: str = record.topic()
-            offset: int = record.offset()
+    return (raw_headers is not None and len(raw_headers) == 2
+            and raw_headers[0][0] == _ID and raw_headers[1][0] == _TS)
+
+
+def decode_plain(record: Any) -> Message:
+    """The message of a record :func:`is_plain` accepted.
+
+    This runs once per received record that is read: written for speed.
+    """
+    (_, id_raw), (_, ts_raw) = record.headers()
+    if id_raw and ts_raw is not None and ts_raw.isdigit():
+        ts_us = int(ts_raw)
+        if ts_us <= MAX_TIMESTAMP_US:
             key = record.key()
             value = record.value()
-            message = _message(
-                b"" if value is None else value, id_raw.decode("utf-8", "surrogateescape"),
-                None if key is None else key.decode("utf-8", "surrogateescape"), None,
-                _fromtimestamp(int(ts_raw) / 1_000_000, UTC))
-            return Record(message, topic, 1, 0.0, (topic, record.partition(), offset), state)
-    return _decode_any(record, raw_headers, state)
+            return _message(b"" if value is None else value,
+                            id_raw.decode("utf-8", "surrogateescape"),
+                            None if key is None else key.decode("utf-8", "surrogateescape"),
+                            None, ts_us)
+    return decode(record)[0]
 
 
-def _decode_any(record: Any, raw_headers: list[tuple[str, bytes | None]] | None,
-                state: Any) -> Record:
+def decode(record: Any) -> tuple[Message, str, int, float]:
+    """Decode a ``confluent_kafka.Message``, whatever its headers.
+
+    A record published by another client (no ``unibus.id``) gets an id derived from
+    its position, and the broker's timestamp.
+
+    Returns:
+        ``(message, topic, attempt, due)``: the message as published, the topic it
+        belongs to (the origin topic for retry-lane records), the attempt it is
+        delivered as, and the epoch seconds before which it must not be delivered
+        (``0.0``: none).
+    """
+    raw_headers = record.headers()
     topic: str = record.topic()
-    offset: int = record.offset()
     message_id: str | None = None
     ts_us: int | None = None
     attempt = 1
     due = 0.0
     origin = topic
     user: dict[str, str] | None = None
-    if raw_headers:
-        rest = raw_headers
-        # unibus writes the id and the timestamp first.
-        if (len(raw_headers) >= 2 and raw_headers[0][0] == _ID
-                and raw_headers[1][0] == _TS):
-            message_id = _utf8(raw_headers[0][1])
-            ts_us = _int(raw_headers[1][1])
-            rest = raw_headers[2:]
-        for name, value in rest:
-            if name.startswith(_PREFIX):
-                if name == ATTEMPT:
-                    attempt = _int(value) or 1
-                elif name == DUE:
-                    due = (_int(value) or 0) / 1_000_000
-                elif name == ORIGIN:
-                    origin = _utf8(value)
-                elif name == _ID:
-                    message_id = _utf8(value)
-                elif name == _TS:
-                    ts_us = _int(value)
-                elif name.startswith(_ESCAPE):
-                    if user is None:
-                        user = {}
-                    user[name[_ESCAPE_LEN:]] = _utf8(value)
-                continue
-            if user is None:
-                user = {}
-            user[name] = "" if value is None else value.decode("utf-8", "surrogateescape")
+    for name, value in raw_headers or ():
+        if name.startswith(_PREFIX):
+            if name == _ID:
+                message_id = _utf8(value) or None
+            elif name == _TS:
+                ts_us = _int(value)
+            elif name == ATTEMPT:
+                attempt = _int(value) or 1
+            elif name == DUE:
+                due = (_int(value) or 0) / 1_000_000
+            elif name == ORIGIN:
+                origin = _utf8(value)
+            elif name.startswith(_ESCAPE):
+                if user is None:
+                    user = {}
+                user[name[_ESCAPE_LEN:]] = _utf8(value)
+            continue
+        if user is None:
+            user = {}
+        user[name] = _utf8(value)
     if message_id is None:
-        message_id = f"{topic}/{record.partition()}/{offset}"
-    if ts_us is None:
+        message_id = f"{topic}/{record.partition()}/{record.offset()}"
+    if ts_us is None or not MIN_TIMESTAMP_US <= ts_us <= MAX_TIMESTAMP_US:
         ts_us = record.timestamp()[1] * 1000
     key = record.key()
     value = record.value()
     # The message was validated when it was published: build it without re-checking
     # every header.
-    # Exact to the microsecond: a double holds µs since the epoch to well under
-    # 0.5 µs until the year 2100, and fromtimestamp rounds to the nearest µs.
     message = _message(b"" if value is None else value, message_id,
                        None if key is None else _utf8(key),
-                       None if user is None else MappingProxyType(user),
-                       _fromtimestamp(ts_us / 1_000_000, UTC))
-    return Record(message, origin, attempt, due, (topic, record.partition(), offset), state)
+                       None if user is None else MappingProxyType(user), ts_us)
+    return message, origin, attempt, due

@@ -1,8 +1,9 @@
 """The consumer thread: it owns one confluent-kafka consumer and nothing else runs it.
 
-The thread ``consume``s batches (serving rebalance callbacks), binds each record to
-the bookkeeping of its partition (:class:`~unibus_kafka._offsets.PartitionState`),
-appends the batch to :attr:`Poller.inbox` and commits what the event loop settled.
+The thread ``consume``s batches (serving rebalance callbacks), splits each into runs
+of one partition bound to the bookkeeping of that partition
+(:class:`~unibus_kafka._offsets.PartitionState`), appends the runs to
+:attr:`Poller.inbox` and commits what the event loop settled.
 It does little Python work per record: every hand-over of the GIL between this
 thread and the event loop can cost up to a switch interval, so the busy path makes
 one driver call per batch and wakes the loop once per batch, only when it waits.
@@ -53,9 +54,12 @@ class Poller:
     """The thread side of one subscription's consumer (see the module docstring).
 
     Attributes:
-        inbox: Raw records bound to their partition's state, for the event loop.
-        room: Set by the event loop when the inbox has drained below half of ``high``.
-        high: The inbox length at which the thread stops taking records.
+        inbox: Runs of raw records of one partition, each with that partition's state,
+            for the event loop.
+        ingested: Records appended to the inbox so far (written by the thread only).
+        taken: Records the event loop took from the inbox so far (written by it only).
+        room: Set by the event loop when the backlog has drained below half of ``high``.
+        high: The backlog at which the thread stops taking records.
         failure: Set when the consumer failed for good (refused credentials, fatal).
     """
 
@@ -69,7 +73,9 @@ class Poller:
         self._wake = wake                # run on the loop: wakes a waiting fetch
         self._forget_revoked = forget_revoked
         self._loop = asyncio.get_running_loop()
-        self.inbox: deque[tuple[PartitionState, Any]] = deque()
+        self.inbox: deque[tuple[PartitionState, list[Any]]] = deque()
+        self.ingested = 0
+        self.taken = 0
         self.room = threading.Event()
         self.high = high
         self.failure: UnibusError | None = None
@@ -80,6 +86,11 @@ class Poller:
         self._thread: threading.Thread | None = None
         self._assigned: asyncio.Future[None] = self._loop.create_future()
         self._stopped: asyncio.Future[None] = self._loop.create_future()
+
+    @property
+    def backlog(self) -> int:
+        """Records in the inbox (each counter has one writer, so no lock is needed)."""
+        return self.ingested - self.taken
 
     async def start(self, topics: Sequence[str], retry_topics: Sequence[str],
                     producer: Producer) -> None:
@@ -171,14 +182,14 @@ class Poller:
         kc = self._kc
         try:
             while not self._closing.is_set():
-                if len(self.inbox) >= self.high:
+                if self.backlog >= self.high:
                     # Back-pressure: the loop has plenty waiting; librdkafka's own
                     # bounded queue holds the rest (pausing the partitions would purge
                     # it and refetch). Wait for room, but keep serving the driver
                     # (rebalances, max.poll.interval) once a second, one record at a time.
                     self.room.clear()
                     # Re-checked after clear(): the loop may have made room just before.
-                    if len(self.inbox) > self.high // 2 and not self.room.wait(1.0):
+                    if self.backlog > self.high // 2 and not self.room.wait(1.0):
                         first = kc.poll(0)
                         if first is not None:
                             self._ingest([first])
@@ -203,13 +214,15 @@ class Poller:
             self._shutdown()
 
     def _ingest(self, records: list[Any]) -> None:
-        # Bind each record to the state of its partition *now*: a partition revoked
-        # and assigned again gets a new state, and the old records die with the old one.
+        # Bind each run of records to the state of its partition *now*: a partition
+        # revoked and assigned again gets a new state, and the old records die with the
+        # old one.
         parts = self._parts
-        out: list[tuple[PartitionState, Any]] = []
+        runs: list[tuple[PartitionState, list[Any]]] = []
+        run: list[Any] | None = None
         last_topic: str | None = None
         last_partition = -1
-        state: PartitionState | None = None
+        count = 0
         for raw in records:
             if raw.error() is not None:
                 self._on_error(raw.error())
@@ -219,10 +232,16 @@ class Poller:
             if partition != last_partition or topic != last_topic:
                 last_topic, last_partition = topic, partition
                 state = parts.get((topic, partition))
-            if state is not None:
-                out.append((state, raw))
-        if out:
-            self.inbox.extend(out)
+                run = None
+                if state is not None:
+                    run = []
+                    runs.append((state, run))
+            if run is not None:
+                run.append(raw)
+                count += 1
+        if runs:
+            self.inbox.extend(runs)
+            self.ingested += count
             # Only a waiting fetch needs a wake-up; fetch re-checks the inbox after
             # publishing its waiter, so no batch is missed.
             if self._waiting():

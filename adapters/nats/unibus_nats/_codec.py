@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from urllib.parse import quote, unquote
 
-from unibus.message import Message
+from unibus.message import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US, Message
 
 __all__ = ["ID", "NOT_BEFORE", "SAFE", "SCHEDULED_ID", "decode", "decode_block", "decode_plain",
            "encode_headers", "header_block", "micros", "parse_header_block", "parse_reply"]
@@ -56,11 +56,7 @@ _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 # without whitespace or CR/LF, so nats-py's parser would yield exactly these two.
 _PLAIN_BLOCK = re.compile(
     rb"NATS/1\.0\r\nNats-Msg-Id: ([!-~]+)\r\nUnibus-Ts: ([0-9]{1,18})\r\n\r\n")
-# Below 2**31 seconds a float holds the microseconds to within 0.12 µs, so the
-# (faster) float conversion still lands on the exact microsecond.
-_FLOAT_EXACT = 2**31 * 1_000_000
 _plain_block = _PLAIN_BLOCK.fullmatch
-_from_float = datetime.fromtimestamp
 
 # Values decoded from the wire already have the types Message validates.
 _message = Message.trusted
@@ -71,19 +67,16 @@ def micros(when: datetime) -> int:
     return (when - _EPOCH) // _MICRO
 
 
-def _from_micros(value: int) -> datetime:
-    """The UTC datetime ``value`` microseconds after the epoch, exactly.
+def _checked(value: int) -> int:
+    """``value`` (µs since the epoch), if a datetime can carry it.
 
     Raises:
         ValueError: ``value`` is outside the years datetime can carry (a foreign or
-            corrupt header; never an OverflowError, which callers do not expect).
+            corrupt header).
     """
-    try:
-        if 0 <= value < _FLOAT_EXACT:
-            return datetime.fromtimestamp(value / 1e6, UTC)
-        return _EPOCH + timedelta(0, *divmod(value, 1_000_000))
-    except (OverflowError, ValueError) as exc:
-        raise ValueError(f"timestamp of {value} µs is out of range ({exc})") from None
+    if MIN_TIMESTAMP_US <= value <= MAX_TIMESTAMP_US:
+        return value
+    raise ValueError(f"timestamp of {value} µs is out of range")
 
 
 def _quote(text: str) -> str:
@@ -92,7 +85,7 @@ def _quote(text: str) -> str:
 
 def encode_headers(message: Message) -> dict[str, str]:
     """The NATS headers that carry ``message``'s metadata."""
-    headers = {ID: _quote(message.id), TS: str(micros(message.timestamp))}
+    headers = {ID: _quote(message.id), TS: str(message.timestamp_us)}
     if message.key is not None:
         headers[KEY] = "~" + _quote(message.key)
     if message.headers:
@@ -105,7 +98,7 @@ def header_block(message: Message) -> bytes:
 
     Byte for byte what nats-py would write for those headers, built in one go.
     """
-    block = f"NATS/1.0\r\n{ID}: {_quote(message.id)}\r\n{TS}: {micros(message.timestamp)}\r\n"
+    block = f"NATS/1.0\r\n{ID}: {_quote(message.id)}\r\n{TS}: {message.timestamp_us}\r\n"
     if message.key is not None:
         block += f"{KEY}: ~{_quote(message.key)}\r\n"
     if message.headers:
@@ -170,7 +163,7 @@ def decode(body: bytes, headers: dict[str, str] | None, stream: str, sequence: i
     """
     if not headers:
         return _message(body, f"{stream}:{sequence}", None, _NO_HEADERS,
-                        _from_micros(server_ns // 1000))
+                        _checked(server_ns // 1000))
     raw_id = headers.get(ID) or headers.get(SCHEDULED_ID)
     raw_ts = headers.get(TS)
     raw_key = headers.get(KEY)
@@ -180,7 +173,7 @@ def decode(body: bytes, headers: dict[str, str] | None, stream: str, sequence: i
         _unescape(raw_id) if raw_id else f"{stream}:{sequence}",
         _unescape(raw_key[1:]) if raw_key is not None else None,
         _user_headers(raw_headers) if raw_headers is not None else _NO_HEADERS,
-        _from_micros(int(raw_ts) if raw_ts is not None else server_ns // 1000))
+        _checked(int(raw_ts) if raw_ts is not None else server_ns // 1000))
 
 
 def decode_block(body: bytes, block: bytes | None, stream: str, sequence: int,
@@ -213,10 +206,7 @@ def decode_plain(body: bytes, block: bytes) -> Message | None:
     id = raw_id.decode()
     if "%" in id:
         id = unquote(id, errors="strict")
-    stamp = int(raw_ts)
-    return _message(body, id, None, None,
-                    _from_float(stamp / 1e6, UTC) if stamp < _FLOAT_EXACT
-                    else _from_micros(stamp))
+    return _message(body, id, None, None, _checked(int(raw_ts)))
 
 
 def _user_headers(text: str) -> Mapping[str, str]:

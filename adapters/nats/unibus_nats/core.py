@@ -74,6 +74,50 @@ _HEADER_ROOM = 1024
 _CHUNK = 256
 
 
+class _CoreDelivery(Delivery):
+    """A core delivery: the message is decoded from what arrived when first read."""
+
+    __slots__ = ("_block", "_data", "_received_ns", "_subject")
+
+    def __init__(self, data: bytes, block: bytes | dict[str, str] | None,
+                 subject: str | bytes, topic: str, group: str | None, seq: int,
+                 consumer: _CoreConsumer) -> None:
+        self._message = None
+        self.topic = topic
+        self.group = group
+        self.attempt = 1
+        self.token = seq
+        self.outcome = None
+        self._consumer = consumer
+        self._data = data
+        self._block = block
+        self._subject = subject
+        # A message without a timestamp header gets the time it arrived.
+        self._received_ns = time.time_ns()
+
+    def _decode(self) -> Message:
+        data, block = self._data, self._block
+        try:
+            message = decode_plain(data, block) if type(block) is bytes else None
+            if message is None:
+                subject = self._subject
+                stream = subject if isinstance(subject, str) else subject.decode()
+                if isinstance(block, bytes):
+                    return decode_block(data, block, stream, self.token, self._received_ns)
+                return decode(data, block, stream, self.token, self._received_ns)
+        except Exception as exc:
+            # A message we cannot decode arrives as a new message with its body intact.
+            log.warning("nats+core: message on %r has malformed unibus headers (%s)",
+                        self.topic, exc)
+            return Message(data)
+        return message
+
+    @property
+    def body(self) -> bytes:
+        """The message body (read without decoding the rest of the message)."""
+        return self._data
+
+
 class _CoreConsumer(Consumer):
     """Subscriptions on core subjects; deliveries handed out within the prefetch."""
 
@@ -121,23 +165,10 @@ class _CoreConsumer(Consumer):
         if self._closed:
             return
         self._count += 1
-        try:
-            message = decode_plain(data, headers) if type(headers) is bytes else None
-            if message is None:
-                stream = subject if isinstance(subject, str) else subject.decode()
-                if isinstance(headers, bytes):
-                    message = decode_block(data, headers, stream, self._count, time.time_ns())
-                else:
-                    message = decode(data, headers, stream, self._count, time.time_ns())
-        except Exception as exc:
-            # This runs inside nats-py's read loop: an exception escaping here would stop
-            # the connection from reading at all. A message we cannot decode arrives as
-            # a new message with its body intact.
-            log.warning("nats+core: message on %r has malformed unibus headers (%s)", topic, exc)
-            message = Message(data)
+        # Decoded when first read: this runs inside nats-py's read loop, once per message.
         ready = self._ready
-        ready.append(Delivery(message, topic=topic, group=self._group, attempt=1,
-                              consumer=self, token=self._count))
+        ready.append(_CoreDelivery(data, headers, subject, topic, self._group, self._count,
+                                   self))
         if len(ready) > self._buffer:
             ready.popleft()
             self._dropped += 1

@@ -80,7 +80,7 @@ def encode_headers(message: Message, extra: dict[str, Any] | None = None) -> dic
                 raise InvalidMessage(f"header name {name[:40]!r}... is over {_MAX_SHORTSTR} "
                                      "bytes, the AMQP limit")
             table[name] = value
-    table[TS] = (message.timestamp - _EPOCH) // _MICROSECOND
+    table[TS] = message.timestamp_us
     if message.key is not None:
         table[KEY] = message.key
     if len(message.id.encode()) > _MAX_SHORTSTR:
