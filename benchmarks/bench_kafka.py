@@ -21,8 +21,12 @@ confluent-kafka first, then unibus, in one run:
    ``Message`` objects built before the clock starts (the adapter's own cost);
 2. consume: the N retained messages read by a new group and acked/committed (raw:
    ``consume`` batches on a thread, commit of the last offsets every 0.2 s and at
-   the end; unibus: ``Subscription.fetch`` + ``Delivery.ack``);
-3. end to end: a publisher and a consumer running together, from the first
+   the end; unibus: ``Subscription.fetch`` + ``Delivery.ack``), each side reading
+   every body;
+3. raw again with the two headers every unibus record carries (id and timestamp,
+   made before its clock starts), published and consumed (headers read): the
+   ``vs raw +hdr`` rows compare unibus with that;
+4. end to end: a publisher and a consumer running together, from the first
    publish to the last ack.
 
 Prints msgs/s for each side and the ratio unibus / raw.
@@ -83,17 +87,19 @@ class Raw:
         producer.flush()
         return producer
 
-    def publish(self, producer: Any, topic: str, body: bytes) -> None:
+    def publish(self, producer: Any, topic: str, body: bytes,
+                headers: list[list[tuple[str, bytes]]] | None = None) -> None:
         failed: list[Any] = []
 
         def report(error: Any, _record: Any) -> None:
             if error is not None:
                 failed.append(error)
 
-        for _ in range(self.config.messages):
+        for i in range(self.config.messages):
             while True:
                 try:
-                    producer.produce(topic, body, on_delivery=report)
+                    producer.produce(topic, body, on_delivery=report,
+                                     headers=None if headers is None else headers[i])
                     break
                 except BufferError:
                     producer.poll(0.001)
@@ -102,7 +108,9 @@ class Raw:
         if failed:
             raise KafkaException(failed[0])
 
-    def consume(self, topic: str, count: int, started: threading.Event | None = None) -> None:
+    def consume(self, topic: str, count: int, started: threading.Event | None = None,
+                read_headers: bool = False) -> None:
+        """Read (the value, and the headers when asked) and commit ``count`` records."""
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": fresh("raw"),
                              "enable.auto.commit": False, "auto.offset.reset": "earliest",
                              "partition.assignment.strategy": "cooperative-sticky"})
@@ -117,6 +125,8 @@ class Raw:
                 if record.error() is not None:
                     continue
                 record.value()
+                if read_headers:
+                    record.headers()
                 name, partition, offset = record.topic(), record.partition(), record.offset()
                 if name is None or partition is None or offset is None:
                     continue
@@ -202,6 +212,9 @@ async def run(config: Config) -> None:
         await ub.publish(bus, extra_topic, body, prebuilt)
         results.append(("  publish, Messages pre-built", raw_pub,
                         rate(n, time.perf_counter() - start)))
+        # Not kept alive through the later phases: N live objects make every full
+        # garbage collection of the consuming side walk them all.
+        del prebuilt
 
         start = time.perf_counter()
         await asyncio.to_thread(raw.consume, raw_topic, n)
@@ -210,6 +223,20 @@ async def run(config: Config) -> None:
         await ub.consume(bus, ub_topic, fresh("ubg"), n)
         ub_con = rate(n, time.perf_counter() - start)
         results.append(("consume retained (manual commits)", raw_con, ub_con))
+
+        # Raw again, each record carrying the two headers every unibus record carries
+        # (its id and timestamp), made before the clock starts; the consumer reads them.
+        hdr_topic = fresh("raw-hdr")
+        await bus.adapter.declare_group(hdr_topic, "unused")
+        headers = [[("unibus.id", str(uuid.uuid4()).encode()),
+                    ("unibus.ts", b"%d" % (time.time_ns() // 1000))] for _ in range(n)]
+        start = time.perf_counter()
+        await asyncio.to_thread(raw.publish, producer, hdr_topic, body, headers)
+        results.append(("publish, vs raw +hdr", rate(n, time.perf_counter() - start), ub_pub))
+        del headers
+        start = time.perf_counter()
+        await asyncio.to_thread(raw.consume, hdr_topic, n, None, True)
+        results.append(("consume, vs raw +hdr", rate(n, time.perf_counter() - start), ub_con))
 
         raw_topic, ub_topic = fresh("raw2"), fresh("ub2")
         for topic in (raw_topic, ub_topic):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -194,8 +196,12 @@ async def test_a_target_that_is_down_stops_the_migration_and_nothing_is_acked() 
         with pytest.raises(unibus.MigrationFailed, match="BrokerUnavailable") as caught:
             await unibus.migrate(src.url, dst.url, TOPIC, batch=50)
 
-        assert (caught.value.report.written, caught.value.report.acked) == (0, 0)
-        assert caught.value.report.failed == 50
+        report = caught.value.report
+        assert (report.written, report.acked) == (0, 0)
+        # Each batch in flight failed on its own; one line says why.
+        assert report.failed == report.read
+        assert report.failed in range(50, 201, 50)
+        assert len(report.failures) == 1
         assert len(await drain(src, DEFAULT_GROUP)) == 200
 
 
@@ -218,7 +224,8 @@ async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_d
 
         HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_fourth_batch
         first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
-                                                   checkpoint=checkpoint, verify=True))
+                                                   window=1, checkpoint=checkpoint,
+                                                   verify=True))
         await cut.wait()
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -227,17 +234,236 @@ async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_d
         assert (saved["written"], len(saved["in_flight"])) == (300, 100)
         del HookedMemoryAdapter.after[dst.url.host or ""]
 
-        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100, window=1,
                                       checkpoint=checkpoint, verify=True)
 
         received = await drain(dst, "readers")
     assert report.runs == 2
     assert (report.read, report.written, report.duplicates) == (1100, 1000, 100)
+    assert report.republished == 100
     assert report.verify is not None
     assert report.verify.ok
     assert (report.verify.expected, report.verify.lost_count) == (1000, 0)
     assert (report.verify.duplicates, report.verify.received) == (100, 1100)
     assert {m.id for m in received} == {m.id for m in sent}
+
+
+class WindowProbe:
+    """A target hook that holds each publish until ``window`` of them run at once.
+
+    The first batch goes alone (it may create the topic on the target), so it is not
+    held. If the migrator never has ``window`` batches in flight, the hold ends at a
+    deadline (a guard, not a barrier) and ``peak`` says how many there were.
+    """
+
+    GUARD = 10.0
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.active = 0
+        self.peak = 0
+        self.calls = 0
+        self.firsts: list[str] = []
+        self.full = asyncio.Event()
+
+    async def hold(self, messages: Sequence[unibus.Message]) -> int:
+        """Wait for the window to fill; return this publish's number (1, 2, ...)."""
+        self.calls += 1
+        number = self.calls
+        self.firsts.append(messages[0].id)
+        if number == 1:
+            return number
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        if self.active >= self.window:
+            self.full.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.GUARD):
+                    await self.full.wait()
+        finally:
+            self.active -= 1
+        return number
+
+
+@pytest.mark.parametrize("window", [1, 3])
+async def test_up_to_window_batches_are_in_flight_at_once_and_start_in_source_order(
+        window: int) -> None:
+    sent = sample(1000)
+    probe = WindowProbe(window)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+
+        async def hold(messages: Sequence[unibus.Message]) -> None:
+            await probe.hold(messages)
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = hold
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=50, window=window)
+
+        received = await drain(dst, "readers")
+    assert probe.peak == window
+    assert (report.written, report.acked) == (1000, 1000)
+    # Each publish call starts with the next batch of the source, in order.
+    assert probe.firsts == [m.id for m in sent[::50]]
+    assert sorted(m.id for m in received) == sorted(m.id for m in sent)
+
+
+async def test_a_batch_failing_mid_window_leaves_it_on_the_source_and_acks_the_confirmed(
+) -> None:
+    sent = sample(1000)
+    probe = WindowProbe(4)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+
+        async def refuse_the_second(messages: Sequence[unibus.Message]) -> None:
+            if await probe.hold(messages) == 2:
+                raise PublishFailed("refused (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = refuse_the_second
+        with pytest.raises(unibus.MigrationFailed, match="refused") as caught:
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=50, window=4)
+
+        report = caught.value.report
+        written = [m.id for m in await drain(dst, "readers")]
+        left = {m.id for m in await drain(src, DEFAULT_GROUP)}
+    assert probe.peak == 4
+    second = {m.id for m in sent[50:100]}
+    assert second <= left
+    assert second.isdisjoint(written)
+    # The batches around it (1, 3 and 4 at least) were confirmed, so acked.
+    assert {m.id for m in sent[:50] + sent[100:200]} <= set(written)
+    assert report.written == report.acked == len(written)
+    assert report.failed == 50
+    assert left.isdisjoint(written)
+    assert left | set(written) == {m.id for m in sent}
+
+
+async def test_a_resume_acks_re_read_confirmed_messages_unpublished_and_republishes_in_flight(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    sent = sample(1000)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        published = 0
+        cut = asyncio.Event()
+
+        async def hang_after_the_fifth_batch(messages: Sequence[unibus.Message]) -> None:
+            nonlocal published
+            published += 1
+            if published == 5:
+                cut.set()
+                await asyncio.Future()
+
+        HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_fifth_batch
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                                   window=2, checkpoint=checkpoint,
+                                                   verify=True))
+        await cut.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        del HookedMemoryAdapter.after[dst.url.host or ""]
+        saved = json.loads(checkpoint.read_text())
+        in_flight = set(saved["in_flight"])
+        acked = sent[:saved["acked"]]
+        assert saved["acked"] >= 400
+        assert in_flight == {m.id for m in sent[saved["acked"]:saved["acked"] + len(in_flight)]}
+        assert len(in_flight) in (100, 200)
+        # A source cursor that lags behind its acks (Kafka commits offsets every
+        # commit_interval): what the killed run acked comes back.
+        await src.publish_many(TOPIC, acked)
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100, window=2,
+                                      checkpoint=checkpoint, verify=True)
+
+        copies = Counter(m.id for m in await drain(dst, "readers"))
+        assert await drain(src, DEFAULT_GROUP) == []
+    assert report.duplicates == len(acked) + len(in_flight)
+    assert report.republished == len(in_flight)
+    assert report.written == 1000
+    assert report.read == 1000 + report.duplicates
+    # Only the killed run's in-flight deliveries were never acked (they came back).
+    assert report.acked == report.read - len(in_flight)
+    assert set(copies) == {m.id for m in sent}
+    assert all(copies[m.id] == 1 for m in acked)
+    assert all(copies[i] <= 2 for i in in_flight)
+    assert report.verify is not None
+    assert report.verify.ok
+    assert report.verify.duplicates == sum(copies.values()) - 1000 <= report.republished
+
+
+async def test_a_run_killed_before_its_ledger_line_counts_the_in_flight_re_reads(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    sent = sample(600)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        published = 0
+        cut = asyncio.Event()
+
+        async def hang_after_the_third_batch(messages: Sequence[unibus.Message]) -> None:
+            nonlocal published
+            published += 1
+            if published == 3:
+                cut.set()
+                await asyncio.Future()
+
+        HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_third_batch
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                                   window=2, checkpoint=checkpoint,
+                                                   verify=True))
+        await cut.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        del HookedMemoryAdapter.after[dst.url.host or ""]
+        in_flight = set(json.loads(checkpoint.read_text())["in_flight"])
+        assert in_flight
+        # A kill between the checkpoint naming a batch in flight and the ledger
+        # listing it: the ledger lacks those ids.
+        ledger = checkpoint.with_name(checkpoint.name + ".ledger")
+        lines = ledger.read_text().splitlines()
+        ledger.write_text("".join(f"{line}\n" for line in lines
+                                  if json.loads(line)[0] not in in_flight))
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100, window=2,
+                                      checkpoint=checkpoint, verify=True)
+        copies = Counter(m.id for m in await drain(dst, "readers"))
+    assert report.read == 600 + report.duplicates
+    assert report.duplicates == report.republished == len(in_flight)
+    assert set(copies) == {m.id for m in sent}
+    assert report.verify is not None
+    assert report.verify.ok
+    assert report.verify.unexpected == 0
+
+
+async def test_a_version_1_checkpoint_resumes_and_republishes_every_re_read_message(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "old.ckpt"
+    sent = sample(100)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        # Written by the previous format, whose ledger was appended before the
+        # checkpoint named the batch in flight: its ledger proves nothing confirmed.
+        checkpoint.write_text(json.dumps({
+            "source": str(src.url), "target": str(dst.url), "topic": TOPIC,
+            "to_topic": TOPIC, "group": DEFAULT_GROUP, "read": 100, "written": 0,
+            "acked": 0, "duplicates": 0, "seconds": 0.5, "runs": 1, "in_flight": [],
+            "version": 1}))
+        ledger = tmp_path / "old.ckpt.ledger"
+        ledger.write_text("".join(json.dumps([m.id, ""]) + "\n" for m in sent))
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint)
+
+        assert len(await drain(dst, "readers")) == 100
+    assert (report.duplicates, report.republished, report.written) == (100, 100, 100)
+    saved = json.loads(checkpoint.read_text())
+    assert (saved["version"], saved["skips_confirmed"]) == (2, False)
+
+
+async def test_a_window_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        await unibus.migrate("memory://a", "memory://b", TOPIC, window=0)
 
 
 async def test_verify_reports_lost_messages_and_body_mismatches(tmp_path: Path) -> None:
@@ -376,6 +602,7 @@ def test_cli_migrate_prints_a_json_report_with_verify(held_pair: tuple[str, str]
     assert report["error"] is None
     assert report["verify"]["ok"] is True
     assert (report["verify"]["lost"], report["verify"]["duplicates"]) == (0, 0)
+    assert (report["duplicates"], report["republished"]) == (0, 0)
     assert json.loads(checkpoint.read_text())["in_flight"] == []
 
 
@@ -392,6 +619,14 @@ def test_cli_migrate_exits_1_with_the_reason_when_a_message_is_too_large(
     assert (report["written"], report["failed"]) == (300, 1)
     assert "101 bytes" in report["error"]
     assert "101 bytes" in result.stderr
+
+
+def test_cli_migrate_refuses_a_window_of_zero() -> None:
+    result = runner.invoke(cli, ["migrate", "--from", "memory://a", "--to", "memory://b",
+                                 "--topic", TOPIC, "--window", "0"])
+
+    assert result.exit_code == 2
+    assert "--window" in result.stderr
 
 
 def test_cli_migrate_refuses_until_empty_with_follow() -> None:

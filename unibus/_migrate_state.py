@@ -1,18 +1,27 @@
 """What ``unibus migrate`` keeps between runs: the checkpoint, the ledgers, the rate.
 
 A checkpoint ``FILE`` is a small JSON document replaced atomically (write a temporary
-file, then rename) before every batch is published. It holds the cumulative counts
-and the ids of the batch in flight. Beside it, two append-only ledgers of JSON lines
+file, then rename) before every batch is published and after every batch is
+confirmed. It holds the cumulative counts and ``in_flight``: the ids of every batch
+published and not yet confirmed by the target (and of those still expected back
+from a previous run). Beside it, two append-only ledgers of JSON lines
 ``[id, sha256-of-body]``:
 
-- ``FILE.ledger``: every message read from the source, appended before the batch is
-  published (so a message the target may hold is always in the ledger);
+- ``FILE.ledger``: every message read from the source, appended before its batch is
+  published and after the checkpoint named the batch in flight. So a message the
+  target may hold is always in the ledger, and one in the ledger but not in
+  ``in_flight`` is one the target confirmed: read again, it is acked, not published;
 - ``FILE.verify``: every message read back from the target's verify group.
 
 Appends are flushed per batch, so they survive the process being killed at any point
 (SIGKILL); a line cut short by the kill is ignored on load. The source group is the
-durable cursor: the checkpoint only makes the counts, duplicates and ``--verify``
+durable cursor: the checkpoint makes the counts, the duplicate bound and ``--verify``
 survive a restart.
+
+Version 1 files (written before batches were pipelined, when the ledger was appended
+before the checkpoint was saved) are still resumed, but re-read messages of such a
+migration are always published again (``skips_confirmed`` false): its ledger may list
+ids of a batch the checkpoint does not name in flight.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from typing import IO, Any
 
 __all__ = ["Checkpoint", "CheckpointState", "Ledger", "TokenBucket"]
 
-_VERSION = 1
+_VERSION = 2
+#: Versions this code resumes; a version 1 migration never skips re-read ids.
+_READABLE = (1, 2)
 
 
 @dataclass
@@ -44,9 +55,12 @@ class CheckpointState:
     written: int = 0
     acked: int = 0
     duplicates: int = 0
+    republished: int = 0
     seconds: float = 0.0
     runs: int = 0
     in_flight: list[str] = field(default_factory=list)
+    #: Whether a re-read id in the ledger and not ``in_flight`` is acked unpublished.
+    skips_confirmed: bool = True
     version: int = _VERSION
 
     def identity(self) -> tuple[str, str, str, str, str]:
@@ -73,8 +87,12 @@ class Checkpoint:
             return None
         try:
             data: dict[str, Any] = json.loads(text)
-            if data.get("version") != _VERSION:
-                raise ValueError(f"version {data.get('version')!r}")
+            version = data.get("version")
+            if version not in _READABLE:
+                raise ValueError(f"version {version!r}; this unibus reads versions "
+                                 f"{', '.join(map(str, _READABLE))}")
+            if version == 1:
+                data.update(version=_VERSION, skips_confirmed=False)
             return CheckpointState(**data)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{self.path} is not a unibus migrate checkpoint ({exc}); "

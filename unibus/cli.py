@@ -45,7 +45,7 @@ from rich.table import Table
 
 import unibus
 from unibus.bus import DEFAULT_PREFETCH
-from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP
+from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP, DEFAULT_WINDOW
 
 __all__ = ["cli", "main"]
 
@@ -439,20 +439,22 @@ def consume(
 
 async def _migrate(source: str, target: str, topic: str, *, group: str,
                    to_topic: str | None, follow: bool, limit: int | None,
-                   rate: float | None, batch: int, checkpoint: str | None, dry_run: bool,
+                   rate: float | None, batch: int, window: int, checkpoint: str | None,
+                   dry_run: bool,
                    verify: bool, declare_groups: list[str],
                    progress: Callable[[unibus.MigrationReport], None] | None
                    ) -> unibus.MigrationReport:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    # SIGINT / SIGTERM finish the batch in flight, then report: nothing is left half done.
+    # SIGINT / SIGTERM finish the batches in flight, then report: nothing is left half done.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         return await unibus.migrate(
             source, target, topic, group=group, to_topic=to_topic, follow=follow,
-            limit=limit, rate=rate, batch=batch, checkpoint=checkpoint, dry_run=dry_run,
-            verify=verify, declare_groups=declare_groups, stop=stop, progress=progress)
+            limit=limit, rate=rate, batch=batch, window=window, checkpoint=checkpoint,
+            dry_run=dry_run, verify=verify, declare_groups=declare_groups, stop=stop,
+            progress=progress)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
@@ -467,7 +469,7 @@ def _print_migration(console: Console, report: unibus.MigrationReport) -> None:
     table.add_column("count", justify="right")
     for name, value in (("read", report.read), ("written", report.written),
                         ("acked", report.acked), ("duplicates", report.duplicates),
-                        ("failed", report.failed)):
+                        ("republished", report.republished), ("failed", report.failed)):
         table.add_row(name, f"{value:,}")
     console.print(table)
     console.print(f"{report.rate:,.0f} msgs/s over {report.seconds:.3f} s"
@@ -504,8 +506,11 @@ def migrate(
     rate: Annotated[float | None, typer.Option(
         min=0.001, help="At most R messages per second.")] = None,
     batch: Annotated[int, typer.Option(
-        min=1, help="Messages per batch: the in-flight window, which bounds duplicates "
-                    "after a crash.")] = DEFAULT_BATCH,
+        min=1, help="Messages per batch (one publish on the target).")] = DEFAULT_BATCH,
+    window: Annotated[int, typer.Option(
+        min=1, help="Batches published and not yet confirmed at once; window x batch "
+                    "bounds what a crash may write twice. 1: strict order on every "
+                    "target.")] = DEFAULT_WINDOW,
     checkpoint: Annotated[str | None, typer.Option(
         help="File recording progress; run again with it to resume.")] = None,
     dry_run: Annotated[bool, typer.Option(
@@ -530,8 +535,9 @@ def migrate(
         try:
             report = await _migrate(
                 source, target, topic, group=group, to_topic=to_topic, follow=follow,
-                limit=limit, rate=rate, batch=batch, checkpoint=checkpoint, dry_run=dry_run,
-                verify=verify, declare_groups=declare_group or [], progress=progress)
+                limit=limit, rate=rate, batch=batch, window=window, checkpoint=checkpoint,
+                dry_run=dry_run, verify=verify, declare_groups=declare_group or [],
+                progress=progress)
         except unibus.MigrationFailed as exc:
             return exc.report, str(exc)
         return report, None

@@ -52,7 +52,7 @@ class _IdClock:
         self.seq = seq = _getrandbits(11)
         self.prefix = "%08x-%04x-7" % (ms >> 16, ms & 0xFFFF)  # noqa: UP031 - fastest
         # The variant bits (0b10), then 62 random bits.
-        rand_b = "%016x" % (_VARIANT | _getrandbits(62))  # noqa: UP031
+        rand_b = "%016x" % (_VARIANT | _getrandbits(62))
         self.tail = rand_b[:4] + "-" + rand_b[4:]
         return seq
 

@@ -8,16 +8,25 @@
 The migrator reads the source topic through a group (``unibus-migrate`` unless
 given), publishes each batch to the target with ``publish_many`` keeping the id,
 key, headers and timestamp of every message (the timestamp also travels in the
-``unibus-original-timestamp`` header, for brokers that restamp), and acks the batch
-on the source only once the target confirmed it: at-least-once, with at most one
-batch (``batch`` messages, the in-flight window) unconfirmed at any time.
+``unibus-original-timestamp`` header, for brokers that restamp), and acks a batch
+on the source only once the target confirmed it: at-least-once. Up to ``window``
+batches are published and not yet confirmed at once (the pipeline: the target
+confirms earlier batches while the next one is read and sent); their publish calls
+start in source order, and their acks follow each batch's own confirmation.
 
 Killed at any point and started again with the same ``checkpoint``, it continues
-from the source group (the durable cursor). Messages read again, which the target
-may already hold, are counted as ``duplicates``; a target that deduplicates by id
-(JetStream) drops them. ``verify=True`` reads everything written back from a group
-declared on the target before the first batch, and compares ids and body hashes
-with what was read: lost ids, body mismatches and extra copies.
+from the source group (the durable cursor). Before a batch is published, the
+checkpoint records its ids among the ``in_flight`` ones (every batch not yet
+confirmed), then the ledger ``FILE.ledger`` records them. So a message read again
+after a restart (``duplicates``) is either in the ledger and not in flight — the
+target confirmed it: it is acked without being published again — or was in flight
+— the target may hold it: it is published again and counted in ``republished``.
+Copies on the target are therefore bounded by ``window`` x ``batch`` per restart,
+even from a source whose acks lag (Kafka commits offsets every ``commit_interval``).
+A target that deduplicates by id (JetStream) drops those too. ``verify=True`` reads
+everything written back from a group declared on the target before the first
+batch, and compares ids and body hashes with what was read: lost ids, body
+mismatches and extra copies.
 
 The engine lives here; :mod:`unibus._migrate_state` keeps the checkpoint files.
 """
@@ -27,9 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 from unibus._migrate_state import Checkpoint, CheckpointState, Ledger, TokenBucket
@@ -43,6 +54,7 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_GROUP",
     "DEFAULT_VERIFY_GROUP",
+    "DEFAULT_WINDOW",
     "ORIGINAL_TIMESTAMP_HEADER",
     "MigrationFailed",
     "MigrationReport",
@@ -52,8 +64,11 @@ __all__ = [
 
 DEFAULT_GROUP = "unibus-migrate"
 DEFAULT_VERIFY_GROUP = "unibus-migrate-verify"
-#: Messages per batch: the in-flight window, and so the bound on duplicates per restart.
+#: Messages per batch.
 DEFAULT_BATCH = 500
+#: Batches published and not yet confirmed at once: ``window`` x ``batch`` bounds the
+#: copies a restart may write twice.
+DEFAULT_WINDOW = 4
 #: The most messages a dry run holds unsettled (it acks nothing) without ``limit``.
 DRY_RUN_CAP = 10_000
 ORIGINAL_TIMESTAMP_HEADER = "unibus-original-timestamp"
@@ -74,8 +89,12 @@ class MigrationReport:
         read: Deliveries read from the source (re-reads included).
         written: Messages the target confirmed.
         acked: Messages acked on the source.
-        duplicates: Messages read again after a restart or redelivery; the target may
-            hold them twice (unless it deduplicates by id).
+        duplicates: Messages read again after a restart or redelivery (counted in
+            ``read``). Those the target had confirmed are acked, not published again.
+        republished: The duplicates that were in flight (published, not confirmed)
+            when they were read before, so published again: the target may hold them
+            twice (unless it deduplicates by id). At most ``window`` x ``batch`` per
+            restart.
         failed: Messages read but not written by the run that failed; they stay on
             the source, unacked.
         failures: Why they failed.
@@ -95,6 +114,7 @@ class MigrationReport:
     written: int = 0
     acked: int = 0
     duplicates: int = 0
+    republished: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -113,7 +133,8 @@ class MigrationReport:
         return {"source": self.source, "target": self.target, "topic": self.topic,
                 "to_topic": self.to_topic, "group": self.group, "read": self.read,
                 "written": self.written, "acked": self.acked,
-                "duplicates": self.duplicates, "failed": self.failed,
+                "duplicates": self.duplicates, "republished": self.republished,
+                "failed": self.failed,
                 "failures": self.failures, "seconds": round(self.seconds, 6),
                 "rate": round(self.rate, 1), "runs": self.runs, "dry_run": self.dry_run,
                 "verify": None if self.verify is None else self.verify.to_dict()}
@@ -135,6 +156,7 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
                   group: str = DEFAULT_GROUP, to_topic: str | None = None,
                   follow: bool = False, limit: int | None = None,
                   rate: float | None = None, batch: int = DEFAULT_BATCH,
+                  window: int = DEFAULT_WINDOW,
                   checkpoint: str | Path | None = None, dry_run: bool = False,
                   verify: bool = False, verify_group: str = DEFAULT_VERIFY_GROUP,
                   declare_groups: Sequence[str] = (),
@@ -156,7 +178,12 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
         follow: Keep going until ``stop`` is set instead of stopping when empty.
         limit: Stop after reading this many messages in this run.
         rate: At most this many messages per second (a burst of one batch).
-        batch: Messages per batch: the in-flight window.
+        batch: Messages per batch: one ``publish_many`` on the target, then one ack
+            per message on the source.
+        window: Batches published and not yet confirmed by the target at once;
+            ``window`` x ``batch`` bounds what a restart may write twice. Batches are
+            published in source order; ``1`` also waits for each batch's
+            confirmation before the next is published (strict order on every target).
         checkpoint: A file recording progress so that a later run resumes the counts
             and the verify ledger (``FILE.ledger``, ``FILE.verify`` beside it).
         dry_run: Read and count (and check sizes against the target), but publish
@@ -166,7 +193,7 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
         verify_group: The group on the target ``verify`` declares and reads.
         declare_groups: Groups to declare on the target topic before writing, so
             that a broker without replay (RabbitMQ) retains the messages for them.
-        stop: Set it to stop after the batch in flight (e.g. on SIGTERM).
+        stop: Set it to stop after the batches in flight (e.g. on SIGTERM).
         progress: Called with the running report after every batch.
 
     Returns:
@@ -174,16 +201,18 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
 
     Raises:
         MigrationFailed: The target refused or lost a batch (down, a message larger
-            than its ``max_message_size``): the report says what was written; the
-            rest stays unacked on the source.
+            than its ``max_message_size``): the batches it confirmed are acked, the
+            report says what was written; the rest stays unacked on the source.
         InvalidURL: A URL is malformed or has an unknown option.
         InvalidName: A topic or group name is invalid.
         BrokerUnavailable: A broker cannot be reached before anything is moved.
-        ValueError: ``batch``, ``limit`` or ``rate`` is out of range, or the
-            checkpoint belongs to another migration.
+        ValueError: ``batch``, ``window``, ``limit`` or ``rate`` is out of range, or
+            the checkpoint belongs to another migration.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 batch in flight, got {window}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     bucket = TokenBucket(rate, batch) if rate is not None else None
@@ -197,6 +226,7 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
                          verify=verify, dry_run=dry_run, progress=progress)
         try:
             return await engine.run(follow=follow, limit=limit, bucket=bucket, batch=batch,
+                                    window=window,
                                     verify_group=verify_group,
                                     declare_groups=declare_groups, stop=stop)
         finally:
@@ -206,14 +236,40 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
 def _forward(message: Message) -> Message:
     """The message to publish: same id, key, body, headers and timestamp."""
     headers = message.headers
-    if ORIGINAL_TIMESTAMP_HEADER not in headers:
-        # The first migration records the time; later hops keep the first one.
-        headers = {**headers, ORIGINAL_TIMESTAMP_HEADER: message.timestamp.isoformat()}
-    return Message(message.body, message.id, message.key, headers, message.timestamp)
+    if ORIGINAL_TIMESTAMP_HEADER in headers:
+        return message   # a later hop keeps the time the first migration recorded
+    # A message received is valid, and one more str header keeps it so: no need to
+    # validate it again (this runs once per message moved).
+    return Message.trusted(
+        message.body, message.id, message.key,
+        MappingProxyType({**headers, ORIGINAL_TIMESTAMP_HEADER: message.timestamp.isoformat()}),
+        message.timestamp_us)
+
+
+class _Flight:
+    """A batch published to the target and not yet settled on the source."""
+
+    __slots__ = ("ids", "rest", "sent", "task")
+
+    def __init__(self, sent: list[Delivery], rest: list[Delivery],
+                 task: asyncio.Task[list[Message]] | None) -> None:
+        #: What was published; acked once the target confirmed it.
+        self.sent = sent
+        #: The tail from an oversized message on: never published, fails the migration.
+        self.rest = rest
+        self.task = task
+        self.ids = {d.message.id for d in sent} | {d.message.id for d in rest}
+
+    def done(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def error(self) -> BaseException | None:
+        """The publish's exception; only once :meth:`done`."""
+        return None if self.task is None else self.task.exception()
 
 
 class _Engine:
-    """One migration run: the counts, the ledgers and the batch loop."""
+    """One migration run: the counts, the ledgers and the pipeline of batches."""
 
     def __init__(self, src: Bus, dst: Bus, topic: str, to_topic: str, group: str,
                  checkpoint: Path | None, *, verify: bool, dry_run: bool,
@@ -228,8 +284,12 @@ class _Engine:
         self.ledger = Ledger(None if base is None else base.with_name(base.name + ".ledger"))
         self.verify_ledger = Ledger(None if base is None
                                     else base.with_name(base.name + ".verify"))
+        #: Every id read (and its body hash): the ledger, also what verify compares.
         self.read_ids: dict[str, str] = {}
+        #: Ids in flight when the previous run stopped that have not come back yet.
         self.returning: set[str] = set()
+        #: Batches published and not yet settled, oldest first.
+        self.flights: deque[_Flight] = deque()
         self.report = MigrationReport(source=self.state.source, target=self.state.target,
                                       topic=topic, to_topic=to_topic, group=group,
                                       dry_run=dry_run)
@@ -257,7 +317,8 @@ class _Engine:
         self.read_ids = dict(self.ledger.load())
         report = self.report
         report.read, report.written, report.acked = saved.read, saved.written, saved.acked
-        report.duplicates, report.runs = saved.duplicates, saved.runs
+        report.duplicates, report.republished = saved.duplicates, saved.republished
+        report.runs = saved.runs
 
     def close(self) -> None:
         self.ledger.close()
@@ -266,6 +327,15 @@ class _Engine:
     def _tick(self) -> None:
         self.report.seconds = self._seconds_before + time.monotonic() - self._started
 
+    def _in_flight(self, *more: list[Delivery]) -> list[str]:
+        """What the target may hold unconfirmed: returning ids and unsettled batches."""
+        ids = [*self.returning]
+        for flight in self.flights:
+            ids.extend(flight.ids)
+        for deliveries in more:
+            ids.extend(d.message.id for d in deliveries)
+        return ids
+
     def _save(self, in_flight: list[str], *, tick: bool = True) -> None:
         if tick:
             self._tick()
@@ -273,13 +343,15 @@ class _Engine:
             return
         state, report = self.state, self.report
         state.read, state.written, state.acked = report.read, report.written, report.acked
-        state.duplicates, state.seconds = report.duplicates, report.seconds
+        state.duplicates, state.republished = report.duplicates, report.republished
+        state.seconds = report.seconds
         state.in_flight = in_flight
         self.checkpoint.save(state)
 
     async def run(self, *, follow: bool, limit: int | None, bucket: TokenBucket | None,
-                  batch: int, verify_group: str, declare_groups: Sequence[str],
-                  stop: asyncio.Event | None) -> MigrationReport:
+                  batch: int, window: int, verify_group: str,
+                  declare_groups: Sequence[str], stop: asyncio.Event | None
+                  ) -> MigrationReport:
         src, dst, state = self.src, self.dst, self.state
         stop = stop or asyncio.Event()
         await src.open()
@@ -293,12 +365,14 @@ class _Engine:
             # Nothing is acked, so the prefetch must hold every message it reads.
             limit = limit or DRY_RUN_CAP
             batch = min(batch, limit)
-        # Two batches held: the one being written and the next one being read, so that
-        # reading overlaps writing. Only the first is ever published and not yet acked.
-        prefetch = limit if self.dry_run and limit is not None else 2 * batch
+        # The batches in flight plus the next one being read, so that reading overlaps
+        # writing; only the `window` published ones are ever unacked for long.
+        prefetch = limit if self.dry_run and limit is not None else (window + 1) * batch
         self._started = time.monotonic()
         self._save(sorted(self.returning), tick=False)
         taken = 0
+        written_before = self.report.written
+        flights = self.flights
         async with src.subscribe(state.topic, group=state.group, prefetch=prefetch) as sub:
 
             def read_next() -> asyncio.Task[list[Delivery]] | None:
@@ -310,6 +384,15 @@ class _Engine:
             reading = read_next()
             try:
                 while reading is not None:
+                    # Ack what the target confirms while the next batch is read (or,
+                    # following an idle source, waited for).
+                    while flights and not reading.done():
+                        head = flights[0].task
+                        if head is not None and not head.done():
+                            await asyncio.wait((reading, head),
+                                               return_when=asyncio.FIRST_COMPLETED)
+                        if flights[0].done():
+                            await self._settle()
                     deliveries = await reading
                     if not deliveries:
                         reading = read_next() if follow else None
@@ -318,25 +401,57 @@ class _Engine:
                     reading = read_next()
                     if bucket is not None:
                         await bucket.take(len(deliveries))
-                    await self._move(deliveries)
+                    if self.dry_run:
+                        self._count_dry(deliveries)
+                        continue
+                    # Make room, and settle whatever the target confirmed meanwhile. The
+                    # first batch goes alone: its publish may create the topic or stream
+                    # on the target, and a second one racing it could overtake it.
+                    room = window if self.report.written > written_before else 1
+                    while flights and (len(flights) >= room or flights[0].done()
+                                       or any(f.done() and f.error() for f in flights)):
+                        await self._settle()
+                        room = window
+                    flight = await self._launch(deliveries)
+                    if flight is not None and flight.rest:
+                        break  # an oversized message: nothing after it is published
+                while flights:
+                    await self._settle()
             finally:
                 if reading is not None and not reading.done():
                     # What it fetched goes back to the source when the subscription closes.
                     reading.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await reading
+                await self._abandon()
         # The time ends with the last batch: the idle wait that proved the source
         # empty, and the verification, would only dilute the rate.
-        self._save([], tick=False)
+        self._save(sorted(self.returning), tick=False)
         if self.verify and not self.dry_run:
             self.report.verify = await self._verify(verify_group, batch)
         return self.report
+
+    async def _abandon(self) -> None:
+        """Cancelled or failing with batches still publishing: stop them, await them.
+
+        Their ids stay in the checkpoint's ``in_flight`` (saved before they were
+        published), and their deliveries go back to the source unacked.
+        """
+        flights = [f.task for f in self.flights if f.task is not None]
+        self.flights.clear()
+        for task in flights:
+            task.cancel()
+        if flights:
+            await asyncio.wait(flights)
+        for task in flights:
+            if not task.cancelled():
+                task.exception()  # retrieved: no "exception was never retrieved" warning
 
     async def _fetch(self, sub: Subscription, wanted: int,
                      stop: asyncio.Event) -> list[Delivery]:
         """One batch: wait for its first message, then top it up while more are ready."""
         timings = self.src.capabilities.timings
-        # After a restart the previous run's unacked batch returns within `redelivery`.
+        # After a restart the previous run's unacked batches return within `redelivery`.
         idle = timings.delivery + (timings.redelivery if self.returning else 0.0)
         fetching = asyncio.ensure_future(sub.fetch(wanted, idle))
         stopping = asyncio.ensure_future(stop.wait())
@@ -358,50 +473,88 @@ class _Engine:
             deliveries.extend(more)
         return deliveries
 
-    def _record(self, deliveries: list[Delivery]) -> None:
-        """Count the batch and ledger it before it is published."""
+    def _count_dry(self, deliveries: list[Delivery]) -> None:
+        """A dry run: count, and check the sizes; nothing is published nor acked."""
+        report, read_ids = self.report, self.read_ids
+        for delivery in deliveries:
+            if delivery.message.id in read_ids:
+                report.duplicates += 1
+            read_ids[delivery.message.id] = ""
+        report.read += len(deliveries)
+        limit = self.dst.capabilities.max_message_size
+        big = [d for d in deliveries if len(d.message.body) > limit]
+        report.failed += len(big)
+        report.failures.extend(self._too_large(d, limit) for d in big)
+        self._progress()
+
+    def _flying(self, message_id: str) -> bool:
+        return message_id in self.returning or any(message_id in f.ids for f in self.flights)
+
+    async def _launch(self, deliveries: list[Delivery]) -> _Flight | None:
+        """Record a batch, then start publishing it; ack at once what the target holds."""
         report, read_ids, returning = self.report, self.read_ids, self.returning
-        fresh: list[tuple[str, str]] = []
+        trust_ledger = self.state.skips_confirmed
         keep_hashes = self.verify or self.checkpoint is not None
+        fresh: list[tuple[str, str]] = []
+        publish: list[Delivery] = []
+        confirmed: list[Delivery] = []
         for delivery in deliveries:
             message_id = delivery.message.id
-            returning.discard(message_id)
             if message_id in read_ids:
                 report.duplicates += 1
+                if trust_ledger and not self._flying(message_id):
+                    # Ledgered, and no longer in flight: the target confirmed it.
+                    confirmed.append(delivery)
+                    continue
+                report.republished += 1
+                returning.discard(message_id)
+                publish.append(delivery)
                 continue
+            if message_id in returning:
+                # In flight when the last run stopped, which was killed before the
+                # ledger listed it: read before (and counted), maybe written.
+                report.duplicates += 1
+                report.republished += 1
+                returning.discard(message_id)
             entry = (message_id, digest(delivery.message.body) if keep_hashes else "")
             read_ids[message_id] = entry[1]
             fresh.append(entry)
+            publish.append(delivery)
         report.read += len(deliveries)
+        # The checkpoint names them in flight before the ledger lists them: an id in
+        # the ledger and not in flight is then always one the target confirmed.
+        self._save(self._in_flight(publish))
         self.ledger.append(fresh)
-        self._save([*returning, *(d.message.id for d in deliveries)])
-
-    async def _move(self, deliveries: list[Delivery]) -> None:
-        self._record(deliveries)
-        limit = self.dst.capabilities.max_message_size
-        too_large = next((i for i, d in enumerate(deliveries) if len(d.message.body) > limit),
-                         None)
-        if self.dry_run:
-            if too_large is not None:
-                big = [d for d in deliveries if len(d.message.body) > limit]
-                self.report.failed += len(big)
-                self.report.failures.extend(self._too_large(d, limit) for d in big)
+        if confirmed:
+            await self._ack(confirmed)
+        if not publish:
             self._progress()
-            return
-        writable = deliveries if too_large is None else deliveries[:too_large]
-        try:
-            if writable:
-                await self.dst.publish_many(self.state.to_topic,
-                                            [_forward(d.message) for d in writable])
-        except UnibusError as exc:
-            await self._fail(deliveries, f"{type(exc).__name__}: {exc}", exc)
-        self.report.written += len(writable)
-        await self._ack(writable)
-        if too_large is not None:
-            rest = deliveries[too_large:]
-            reason = self._too_large(rest[0], limit)
-            await self._fail(rest, reason, MessageTooLarge(reason))
-        self._save([])
+            return None
+        limit = self.dst.capabilities.max_message_size
+        cut = next((i for i, d in enumerate(publish) if len(d.message.body) > limit),
+                   len(publish))
+        sent, rest = publish[:cut], publish[cut:]
+        task = None
+        if sent:
+            # Tasks start in creation order: this batch's publish call is issued
+            # before the next batch's.
+            task = asyncio.create_task(self.dst.publish_many(
+                self.state.to_topic, [_forward(d.message) for d in sent]))
+        flight = _Flight(sent, rest, task)
+        self.flights.append(flight)
+        return flight
+
+    async def _settle(self) -> None:
+        """Wait for the oldest batch; ack it once confirmed, or fail the migration."""
+        flight = self.flights[0]
+        if flight.task is not None and not flight.task.done():
+            await asyncio.wait((flight.task,))
+        if flight.rest or any(f.done() and f.error() for f in self.flights):
+            await self._fail()
+        self.flights.popleft()
+        self.report.written += len(flight.sent)
+        self._save(self._in_flight())
+        await self._ack(flight.sent)
         self._progress()
 
     def _too_large(self, delivery: Delivery, limit: int) -> str:
@@ -418,22 +571,56 @@ class _Engine:
                 pass  # redelivered, then counted as a duplicate
         self.report.acked += acked
 
-    async def _fail(self, unwritten: list[Delivery], reason: str,
-                    exc: UnibusError) -> NoReturn:
+    async def _fail(self) -> NoReturn:
+        """A batch failed: let the others finish, ack the confirmed ones, stop.
+
+        Every batch in flight either confirms or fails on its own (none is cut off
+        half-way, which would leave the target holding an unknown part of it); those
+        confirmed are acked, the rest stays unacked on the source and in the
+        checkpoint's ``in_flight``.
+        """
+        flights = list(self.flights)
+        self.flights.clear()
+        tasks = [f.task for f in flights if f.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
         report = self.report
+        unwritten: list[Delivery] = []
+        # Why, in order, with how many messages each (window batches failing for one
+        # reason, a target down, make one line).
+        reasons: dict[str, int] = {}
+        first: BaseException | None = None
+        for flight in flights:
+            error = flight.error()
+            if error is None:
+                report.written += len(flight.sent)
+                await self._ack(flight.sent)
+            else:
+                if not isinstance(error, UnibusError):
+                    raise error  # a bug, not a broker failure
+                unwritten.extend(flight.sent)
+                reason = f"{type(error).__name__}: {error}"
+                reasons[reason] = reasons.get(reason, 0) + len(flight.sent)
+                first = first or error
+            if flight.rest:
+                reason = self._too_large(flight.rest[0], self.dst.capabilities.max_message_size)
+                unwritten.extend(flight.rest)
+                reasons[reason] = reasons.get(reason, 0) + len(flight.rest)
+                first = first or MessageTooLarge(reason)
         report.failed += len(unwritten)
-        report.failures.append(f"{len(unwritten)} message(s) not written: {reason}")
+        report.failures.extend(f"{count} message(s) not written: {reason}"
+                               for reason, count in reasons.items())
         if self.src.capabilities.redelivery:
             # Hand them back now rather than when the subscription closes.
             for delivery in unwritten:
                 with contextlib.suppress(UnibusError):
                     await delivery.nack()
-        self._save([d.message.id for d in unwritten])
-        self._tick()
+        self._save([*self.returning, *(d.message.id for d in unwritten)])
         raise MigrationFailed(
-            f"the target {report.target} failed on {report.to_topic!r}: {reason}; "
+            f"the target {report.target} failed on {report.to_topic!r}: "
+            f"{next(iter(reasons), 'no batch confirmed')}; "
             f"{report.written} written, {len(unwritten)} left unacked on the source",
-            report) from exc
+            report) from first
 
     def _progress(self) -> None:
         self._tick()

@@ -24,13 +24,21 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from unibus.capabilities import Capabilities
 from unibus.errors import DeliveryLost
 from unibus.message import Delivery, Message
 from unibus.spi import Consumer
-from unibus_kafka._codec import ATTEMPT, DUE, ORIGIN, decode, decode_plain, is_plain
+from unibus_kafka._codec import (
+    ATTEMPT,
+    DUE,
+    ID_HEADER,
+    ORIGIN,
+    TS_HEADER,
+    decode,
+    decode_plain,
+)
 from unibus_kafka._errors import Scrubber
 from unibus_kafka._offsets import PartitionState
 from unibus_kafka._poller import Poller
@@ -207,13 +215,13 @@ class KafkaConsumer(Consumer):
         now = 0.0
         while room > 0:
             if pos >= len(run) or state is None or state.revoked:
+                poller.taken += len(run) - pos   # a revoked partition's rest is dropped
                 if not self._inbox:
                     run, pos, state = _NO_RECORDS, 0, None
                     break
                 state, run = self._inbox.popleft()
                 pos = 0
-                if state.revoked:
-                    continue
+                continue
             end = min(len(run), pos + room)
             poller.taken += end - pos
             topic = state.topic
@@ -224,7 +232,9 @@ class KafkaConsumer(Consumer):
                 offset: int = raw.offset()
                 if tracked:
                     fetched(offset)
-                if is_plain(raw.headers()):
+                headers = raw.headers()   # is_plain, written out: this runs per record
+                if (headers is not None and len(headers) == 2 and headers[0][0] == ID_HEADER
+                        and headers[1][0] == TS_HEADER):
                     delivery = KafkaDelivery(raw, state, offset, topic, group, 1, self, None)
                 else:
                     message, origin, attempt, due = decode(raw)
@@ -291,7 +301,17 @@ class KafkaConsumer(Consumer):
         Raises:
             DeliveryLost: The partition was revoked or the consumer closed.
         """
-        self._settle(self._release(delivery))
+        # _settle(_release(delivery)), written out: this runs once per delivery.
+        held = cast(KafkaDelivery, delivery)   # only this consumer's deliveries get here
+        try:
+            self._unsettled.remove(held)
+        except KeyError:
+            self._release(delivery)   # raises DeliveryLost
+        state = held.state
+        if self._group is not None and not state.revoked:
+            state.settle(held.offset)
+        if self._waiter is not None:
+            self._wake()
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         """Redeliver no sooner than ``delay`` s, through the group's retry lane.

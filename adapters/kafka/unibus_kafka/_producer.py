@@ -37,34 +37,34 @@ _POLL = 0.05
 
 
 class _Batch:
-    """The delivery reports of one publish call, counted down on the poll thread."""
+    """The delivery reports of one publish call, counted down on the poll thread.
 
-    __slots__ = ("done", "errors", "expected", "future", "lock", "loop")
+    No lock: ``done`` is written by the thread serving the reports only, ``expected``
+    by the event loop only, and each side checks the other's after writing its own —
+    so at least one of them sees the last report, and finishing twice is harmless.
+    """
+
+    __slots__ = ("done", "errors", "expected", "future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
-        self.lock = threading.Lock()
         self.done = 0
         self.expected = -1
         self.errors: list[tuple[Any, Any]] = []
 
     def report(self, error: Any, record: Any) -> None:
-        """The delivery callback (poll thread)."""
+        """The delivery callback (the thread serving reports)."""
         if error is not None:
             self.errors.append((error, record))
-        with self.lock:
-            self.done += 1
-            finished = self.done == self.expected
-        if finished:
+        self.done += 1
+        if self.done == self.expected:
             self.loop.call_soon_threadsafe(self._finish)
 
     def seal(self, expected: int) -> None:
         """Say how many reports to wait for (event loop)."""
-        with self.lock:
-            self.expected = expected
-            finished = self.done == expected
-        if finished:
+        self.expected = expected
+        if self.done == expected:
             self._finish()
 
     def _finish(self) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from unibus.errors import BrokerError, BrokerUnavailable, MessageTooLarge, PublishFailed
 from unibus.message import Message
 from unibus_nats import _wire as wire
-from unibus_nats._codec import encode_headers
+from unibus_nats._codec import encode_headers, header_block
 from unibus_nats._connection import Connection
 from unibus_nats._errors import map_errors
 
@@ -41,7 +41,6 @@ Route = Callable[[Message], tuple[str, dict[str, str]]]
 _PENDING, _OK, _RETRY, _FAILED = 0, 1, 2, 3
 # Server answers that mean "try again shortly": no stream yet / no JetStream leader.
 _RETRYABLE_CODES = {503, 504}
-_HEADER_SLACK = 65_536
 
 
 class _Batch:
@@ -89,20 +88,31 @@ class Publisher:
         nc = self._conn.nc
         self._prefix = f"{nc.new_inbox()}."
         with map_errors("subscribe to the PubAck inbox"):
-            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_ack,
-                                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+            self._sub = sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_ack,
+                                                 pending_msgs_limit=-1,
+                                                 pending_bytes_limit=-1)
+        # PubAcks straight from the protocol parser, skipping nats-py's Msg, queue and
+        # task hop (one PubAck per message); where that is not possible, _on_ack keeps
+        # receiving them.
+        wire.route(nc, sub, self._on_routed_ack)
 
     async def _on_ack(self, msg: Msg) -> None:
-        entry = self._pending.pop(msg.subject[len(self._prefix):], None)
+        self._settle(msg.subject, msg.data, msg.headers)
+
+    def _on_routed_ack(self, subject: bytes, data: bytes,
+                       headers: bytes | dict[str, str] | None) -> None:
+        self._settle(subject.decode(), data, headers if isinstance(headers, dict) else None)
+
+    def _settle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        entry = self._pending.pop(subject[len(self._prefix):], None)
         if entry is None:
             return      # the answer to a retried publish that was confirmed already
         batch, index = entry
-        data = msg.data
         if data and b'"error"' not in data:
             batch.state[index] = _OK
             batch.confirmed += 1
         else:
-            status = (msg.headers or {}).get("Status")
+            status = (headers or {}).get("Status")
             if status == "503" or not data:
                 batch.state[index] = _RETRY
                 batch.errors[index] = "no stream answered (503)"
@@ -140,7 +150,8 @@ class Publisher:
         loop = asyncio.get_running_loop()
         count = len(messages)
         batch = _Batch(count, self._window)
-        encoded = [self._encode(subject, m, route) for m in messages]
+        direct = wire.can_write_directly(self._conn.nc)
+        encoded = [self._encode(subject, m, route, direct) for m in messages]
         todo = list(range(count))
         tokens: list[str | None] = [None] * count
         deadline = loop.time() + self._retry_for
@@ -197,23 +208,34 @@ class Publisher:
             # Not back yet: the publish loop retries until retry_for runs out.
             await asyncio.sleep(min(self._timeout, 0.25))
 
-    def _encode(self, subject: str, message: Message, route: Route | None,
-                ) -> tuple[str, bytes, dict[str, str]]:
-        headers = encode_headers(message)
-        if route is not None:
-            subject, extra = route(message)
-            headers.update(extra)
+    def _encode(self, subject: str, message: Message, route: Route | None, direct: bool,
+                ) -> tuple[str, bytes, bytes | dict[str, str]]:
+        """The subject, body and headers of ``message``: a ready header block if ``direct``.
+
+        Raises:
+            MessageTooLarge: Body and headers exceed the server's ``max_payload``.
+        """
         body = message.body
         limit = self._conn.server_info.get("max_payload", 1_048_576)
-        if len(body) + _HEADER_SLACK > limit:
+        headers: bytes | dict[str, str]
+        if direct and route is None:
+            # The common message: its header block built in one go (see header_block).
+            headers = header_block(message)
+            size = len(body) + len(headers)
+        else:
+            headers = encode_headers(message)
+            if route is not None:
+                subject, extra = route(message)
+                headers.update(extra)
             size = len(body) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
-            if size > limit:
-                raise MessageTooLarge(
-                    f"message {message.id}: {len(body)} bytes of body plus headers exceed the "
-                    f"server's max_payload of {limit} bytes")
+        if size > limit:
+            raise MessageTooLarge(
+                f"message {message.id}: {len(body)} bytes of body plus headers exceed the "
+                f"server's max_payload of {limit} bytes")
         return subject, body, headers
 
-    async def _send(self, batch: _Batch, encoded: list[tuple[str, bytes, dict[str, str]]],
+    async def _send(self, batch: _Batch,
+                    encoded: list[tuple[str, bytes, bytes | dict[str, str]]],
                     todo: list[int], tokens: list[str | None], deadline: float) -> int:
         """Publish ``todo`` in order within the window; return how many went out."""
         loop = asyncio.get_running_loop()
@@ -237,7 +259,10 @@ class Publisher:
             while True:
                 try:
                     with map_errors(f"publish to {subject!r}"):
-                        await wire.publish(nc, subject, body, headers, prefix + token)
+                        if isinstance(headers, bytes):
+                            await wire.publish_block(nc, subject, body, headers, prefix + token)
+                        else:
+                            await wire.publish(nc, subject, body, headers, prefix + token)
                     break
                 except BrokerUnavailable:
                     if nc.is_closed or conn.closed or loop.time() >= deadline:
@@ -277,5 +302,7 @@ class Publisher:
             batch.wake()
         sub, self._sub = self._sub, None
         if sub is not None:
+            with contextlib.suppress(Exception):
+                wire.unroute(self._conn.nc, sub)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
