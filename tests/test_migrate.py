@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +24,13 @@ import unibus
 from unibus.cli import cli
 from unibus.errors import BrokerUnavailable, PublishFailed
 from unibus.memory import MemoryAdapter
-from unibus.migrate import DEFAULT_GROUP, DEFAULT_VERIFY_GROUP, ORIGINAL_TIMESTAMP_HEADER
+from unibus.message import Message
+from unibus.migrate import (
+    DEFAULT_GROUP,
+    DEFAULT_VERIFY_GROUP,
+    ORIGINAL_TIMESTAMP_HEADER,
+    _forward,
+)
 
 TOPIC = "orders.eu"
 Hook = Callable[[Sequence[unibus.Message]], Awaitable[None]]
@@ -662,3 +668,17 @@ def test_cli_migrate_follow_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert process.returncode == 0, err
     report = json.loads(out)
     assert (report["read"], report["error"]) == (0, None)
+
+
+@pytest.mark.parametrize("stamp", [
+    datetime(2026, 11, 27, 10, 54, 11, tzinfo=UTC),                 # a whole second
+    datetime(2026, 11, 27, 10, 54, 11, 7, tzinfo=UTC),
+    datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),        # before the epoch
+    datetime(2026, 1, 1, 5, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+])
+def test_the_original_timestamp_header_is_the_timestamp_in_iso_8601(stamp: datetime) -> None:
+    given = Message(b"x", timestamp=stamp)
+    received = Message.trusted(b"x", "id-1", None, None, given.timestamp_us)
+    assert _forward(given).headers[ORIGINAL_TIMESTAMP_HEADER] == stamp.isoformat()
+    assert (_forward(received).headers[ORIGINAL_TIMESTAMP_HEADER]
+            == received.timestamp.isoformat())

@@ -39,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -74,6 +75,7 @@ DRY_RUN_CAP = 10_000
 ORIGINAL_TIMESTAMP_HEADER = "unibus-original-timestamp"
 #: How long a batch waits for more messages once its first one arrived.
 _LINGER = 0.01
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -242,8 +244,40 @@ def _forward(message: Message) -> Message:
     # validate it again (this runs once per message moved).
     return Message.trusted(
         message.body, message.id, message.key,
-        MappingProxyType({**headers, ORIGINAL_TIMESTAMP_HEADER: message.timestamp.isoformat()}),
+        MappingProxyType({**headers, ORIGINAL_TIMESTAMP_HEADER: _iso(message)}),
         message.timestamp_us)
+
+
+class _Second:
+    """The ISO 8601 text of the last whole second formatted, for :func:`_iso`."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self) -> None:
+        self.value = -1
+        self.text = ""
+
+
+_last_second = _Second()
+
+
+def _iso(message: Message) -> str:
+    """``message.timestamp.isoformat()``, from the microseconds where that is UTC.
+
+    Messages read from a source share their second by the thousand: its text is made
+    once, and each message adds its microseconds (as isoformat does, not when 0).
+    """
+    given = message._at   # set when the timestamp was given (or already read)
+    if given is not None and given.utcoffset():
+        return given.isoformat()   # keeps the offset it was given with
+    seconds, micros = divmod(message.timestamp_us, 1_000_000)
+    last = _last_second
+    if seconds != last.value:
+        last.value = seconds
+        last.text = (_EPOCH + timedelta(seconds=seconds)).isoformat()[:-6]
+    if micros:
+        return f"{last.text}.{micros:06d}+00:00"
+    return f"{last.text}+00:00"
 
 
 class _Flight:
