@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pickle
+import sys
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -415,3 +418,44 @@ def test_a_trusted_message_equals_the_validated_one_and_stays_immutable() -> Non
     assert dict(Message.trusted(b"", "id-2", None, None, checked.timestamp_us).headers) == {}
     with pytest.raises(dataclasses.FrozenInstanceError):
         trusted.body = b"other"  # type: ignore[misc]
+
+
+def test_ids_made_on_several_threads_at_once_are_unique_and_ordered_per_thread() -> None:
+    made: list[list[str]] = [[] for _ in range(4)]
+
+    def make(out: list[str]) -> None:
+        out.extend(new_message_id() for _ in range(50_000))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # threads interleave between any two bytecodes
+    try:
+        threads = [threading.Thread(target=make, args=(out,)) for out in made]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    every = [i for out in made for i in out]
+    assert len(set(every)) == len(every)
+    assert all(out == sorted(out) for out in made)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_does_not_repeat_its_parents_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    frozen = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: frozen)   # one millisecond for both
+    new_message_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: one id, through the pipe, and out
+        os.close(read)
+        os.write(write, new_message_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 36
+    assert child != new_message_id()

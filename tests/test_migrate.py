@@ -211,6 +211,50 @@ async def test_a_target_that_is_down_stops_the_migration_and_nothing_is_acked() 
         assert len(await drain(src, DEFAULT_GROUP)) == 200
 
 
+async def test_a_message_read_twice_in_one_batch_is_not_acked_before_the_target_confirms(
+        ) -> None:
+    async with brokers() as (src, dst):
+        twice = unibus.Message(b"x", id="read-twice")
+        other = unibus.Message(b"y")
+        await src.publish_many(TOPIC, [twice, twice, other])
+
+        async def down(messages: Sequence[unibus.Message]) -> None:
+            raise BrokerUnavailable("target unreachable (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = down
+        with pytest.raises(unibus.MigrationFailed) as caught:
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=50)
+        left = await drain(src, DEFAULT_GROUP)
+    assert (caught.value.report.written, caught.value.report.acked) == (0, 0)
+    assert sorted(m.id for m in left) == sorted([twice.id, twice.id, other.id])
+
+
+async def test_another_message_reusing_an_id_is_moved_not_taken_for_a_re_read() -> None:
+    first, second = (unibus.Message(b"v1", id="order-1"), unibus.Message(b"v2", id="order-1"))
+    others = [unibus.Message(b"other") for _ in range(3)]
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, [first, *others, second])
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=2, window=1)
+        written = await drain(dst, "readers")
+    assert report.written == 5
+    assert [(m.id, m.body) for m in written] == [
+        (m.id, m.body) for m in [first, *others, second]]
+
+
+async def test_a_resumed_re_read_whose_body_differs_from_the_ledger_is_published(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    first, later = unibus.Message(b"v1", id="order-1"), unibus.Message(b"v2", id="order-1")
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, [first])
+        await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint)
+        await src.publish_many(TOPIC, [later])
+        report = await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint)
+        written = await drain(dst, "readers")
+    assert [m.body for m in written] == [b"v1", b"v2"]
+    assert report.written == 2
+
+
 async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_duplicates(
         tmp_path: Path) -> None:
     checkpoint = tmp_path / "orders.ckpt"
@@ -372,8 +416,10 @@ async def test_a_resume_acks_re_read_confirmed_messages_unpublished_and_republis
         saved = json.loads(checkpoint.read_text())
         in_flight = set(saved["in_flight"])
         acked = sent[:saved["acked"]]
-        assert saved["acked"] >= 400
-        assert in_flight == {m.id for m in sent[saved["acked"]:saved["acked"] + len(in_flight)]}
+        # Window 2: the fifth batch went out once at most two were unconfirmed.
+        assert saved["acked"] >= 300
+        # A batch leaves in_flight when the checkpoint is saved just before its acks.
+        assert in_flight <= {m.id for m in sent[saved["acked"]:]}
         assert len(in_flight) in (100, 200)
         # A source cursor that lags behind its acks (Kafka commits offsets every
         # commit_interval): what the killed run acked comes back.

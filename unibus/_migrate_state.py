@@ -100,9 +100,38 @@ class Checkpoint:
 
     def save(self, state: CheckpointState) -> None:
         """Replace the file with ``state``: a reader sees the old or the new, never half."""
+        self._write(json.dumps(asdict(state), ensure_ascii=False), durable=False)
+
+    async def save_durably(self, state: CheckpointState) -> None:
+        """:meth:`save`, on disk before this returns (a power loss keeps it).
+
+        The write and its fsyncs run on a worker thread; ``state`` is serialized first.
+        Cancelled, it still waits for the write to end before raising.
+        """
+        text = json.dumps(asdict(state), ensure_ascii=False)
+        writing = asyncio.ensure_future(asyncio.to_thread(self._write, text, durable=True))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: let it finish, so that no late write of a
+            # cancelled run replaces what a later run saves.
+            await writing
+            raise
+
+    def _write(self, text: str, *, durable: bool) -> None:
         with self._temporary.open("w", encoding="utf-8") as out:
-            json.dump(asdict(state), out, ensure_ascii=False)
+            out.write(text)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(self._temporary, self.path)
+        if durable:
+            # The rename itself is durable once the directory is synced.
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
 
 class Ledger:

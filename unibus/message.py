@@ -10,7 +10,9 @@ A :class:`Message` is immutable: ``id`` (a UUIDv7 string unless given), ``body``
 from __future__ import annotations
 
 import math
+import os
 import random
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import FrozenInstanceError
@@ -34,12 +36,14 @@ class _IdClock:
     """The millisecond and sequence of the last id, so ids of one process sort in order.
 
     ``prefix`` is the id's text up to the sequence and ``tail`` its text after it,
-    both made once per millisecond.
+    both made once per millisecond. ``lock`` serializes threads: two ids of one
+    millisecond differ only by their sequence.
     """
 
-    __slots__ = ("ms", "prefix", "seq", "tail")
+    __slots__ = ("lock", "ms", "prefix", "seq", "tail")
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.ms = 0
         self.seq = 0
         self.prefix = ""
@@ -58,6 +62,16 @@ class _IdClock:
 
 
 _clock = _IdClock()
+
+
+def _forget_clock_in_child() -> None:
+    # A forked child shares the parent's millisecond, sequence and rand_b: it starts
+    # afresh (and with a new lock, which a parent thread may have held at the fork).
+    global _clock
+    _clock = _IdClock()
+
+
+os.register_at_fork(after_in_child=_forget_clock_in_child)
 # The sequence field as text (three hex digits and the dash after it), by value.
 _SEQ_TEXT = tuple("%03x-" % n for n in range(0x1000))  # noqa: UP031 - mirrors the id format
 _VARIANT = 0x8000_0000_0000_0000
@@ -85,13 +99,14 @@ def _id_at(ms: int) -> str:
     # This runs once per published message: the text around the counter is made
     # once per millisecond, leaving one lookup and two concatenations per id.
     clock = _clock
-    if ms > clock.ms:
-        seq = clock.tick(ms)
-    else:
-        seq = clock.seq = clock.seq + 1
-        if seq > 0xFFF:
-            seq = clock.tick(clock.ms + 1)
-    return clock.prefix + _SEQ_TEXT[seq] + clock.tail
+    with clock.lock:
+        if ms > clock.ms:
+            seq = clock.tick(ms)
+        else:
+            seq = clock.seq = clock.seq + 1
+            if seq > 0xFFF:
+                seq = clock.tick(clock.ms + 1)
+        return clock.prefix + _SEQ_TEXT[seq] + clock.tail
 
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})

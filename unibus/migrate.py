@@ -18,9 +18,10 @@ Killed at any point and started again with the same ``checkpoint``, it continues
 from the source group (the durable cursor). Before a batch is published, the
 checkpoint records its ids among the ``in_flight`` ones (every batch not yet
 confirmed), then the ledger ``FILE.ledger`` records them. So a message read again
-after a restart (``duplicates``) is either in the ledger and not in flight — the
-target confirmed it: it is acked without being published again — or was in flight
-— the target may hold it: it is published again and counted in ``republished``.
+after a restart (``duplicates``) is either in an earlier run's ledger, not in flight
+and with the same body hash — the target confirmed it: it is acked without being
+published again — or not — the target may hold it: it is published again and
+counted in ``republished``. The checkpoint reaches the disk before the ledger line.
 Copies on the target are therefore bounded by ``window`` x ``batch`` per restart,
 even from a source whose acks lag (Kafka commits offsets every ``commit_interval``).
 A target that deduplicates by id (JetStream) drops those too. ``verify=True`` reads
@@ -248,17 +249,7 @@ def _forward(message: Message) -> Message:
         message.timestamp_us)
 
 
-class _Second:
-    """The ISO 8601 text of the last whole second formatted, for :func:`_iso`."""
-
-    __slots__ = ("text", "value")
-
-    def __init__(self) -> None:
-        self.value = -1
-        self.text = ""
-
-
-_last_second = _Second()
+_last_second: tuple[int, str] = (-1, "")   # a whole second and its ISO 8601 text
 
 
 def _iso(message: Message) -> str:
@@ -267,17 +258,18 @@ def _iso(message: Message) -> str:
     Messages read from a source share their second by the thousand: its text is made
     once, and each message adds its microseconds (as isoformat does, not when 0).
     """
+    global _last_second
     given = message._at   # set when the timestamp was given (or already read)
     if given is not None and given.utcoffset():
         return given.isoformat()   # keeps the offset it was given with
     seconds, micros = divmod(message.timestamp_us, 1_000_000)
-    last = _last_second
-    if seconds != last.value:
-        last.value = seconds
-        last.text = (_EPOCH + timedelta(seconds=seconds)).isoformat()[:-6]
+    second, text = _last_second
+    if second != seconds:
+        text = (_EPOCH + timedelta(seconds=seconds)).isoformat()[:-6]
+        _last_second = (seconds, text)   # one assignment: threads see a matching pair
     if micros:
-        return f"{last.text}.{micros:06d}+00:00"
-    return f"{last.text}+00:00"
+        return f"{text}.{micros:06d}+00:00"
+    return f"{text}+00:00"
 
 
 class _Flight:
@@ -322,6 +314,8 @@ class _Engine:
         self.read_ids: dict[str, str] = {}
         #: Ids in flight when the previous run stopped that have not come back yet.
         self.returning: set[str] = set()
+        #: Ids the ledger of earlier runs lists (read before this run started).
+        self.read_before: set[str] = set()
         #: Batches published and not yet settled, oldest first.
         self.flights: deque[_Flight] = deque()
         self.report = MigrationReport(source=self.state.source, target=self.state.target,
@@ -349,6 +343,7 @@ class _Engine:
         self._seconds_before = saved.seconds
         self.returning = set(saved.in_flight)
         self.read_ids = dict(self.ledger.load())
+        self.read_before = set(self.read_ids)
         report = self.report
         report.read, report.written, report.acked = saved.read, saved.written, saved.acked
         report.duplicates, report.republished = saved.duplicates, saved.republished
@@ -370,17 +365,19 @@ class _Engine:
             ids.extend(d.message.id for d in deliveries)
         return ids
 
-    def _save(self, in_flight: list[str], *, tick: bool = True) -> None:
-        if tick:
-            self._tick()
-        if self.checkpoint is None:
-            return
+    def _state_for(self, in_flight: list[str]) -> CheckpointState:
         state, report = self.state, self.report
         state.read, state.written, state.acked = report.read, report.written, report.acked
         state.duplicates, state.republished = report.duplicates, report.republished
         state.seconds = report.seconds
         state.in_flight = in_flight
-        self.checkpoint.save(state)
+        return state
+
+    def _save(self, in_flight: list[str], *, tick: bool = True) -> None:
+        if tick:
+            self._tick()
+        if self.checkpoint is not None:
+            self.checkpoint.save(self._state_for(in_flight))
 
     async def run(self, *, follow: bool, limit: int | None, bucket: TokenBucket | None,
                   batch: int, window: int, verify_group: str,
@@ -524,6 +521,18 @@ class _Engine:
     def _flying(self, message_id: str) -> bool:
         return message_id in self.returning or any(message_id in f.ids for f in self.flights)
 
+    def _confirmed_before(self, delivery: Delivery) -> bool:
+        """Whether an earlier run's target confirmed this very message (same id, same body).
+
+        Ledgered by an earlier run and no longer in flight: its batch was confirmed. The
+        body's hash must match too — another message that reuses the id is published.
+        """
+        message = delivery.message
+        if message.id not in self.read_before or self._flying(message.id):
+            return False
+        recorded = self.read_ids[message.id]
+        return bool(recorded) and recorded == digest(message.body)
+
     async def _launch(self, deliveries: list[Delivery]) -> _Flight | None:
         """Record a batch, then start publishing it; ack at once what the target holds."""
         report, read_ids, returning = self.report, self.read_ids, self.returning
@@ -531,18 +540,20 @@ class _Engine:
         keep_hashes = self.verify or self.checkpoint is not None
         fresh: list[tuple[str, str]] = []
         publish: list[Delivery] = []
+        launching: set[str] = set()   # this batch's ids: in flight from now on
         confirmed: list[Delivery] = []
         for delivery in deliveries:
             message_id = delivery.message.id
             if message_id in read_ids:
                 report.duplicates += 1
-                if trust_ledger and not self._flying(message_id):
-                    # Ledgered, and no longer in flight: the target confirmed it.
+                if (trust_ledger and message_id not in launching
+                        and self._confirmed_before(delivery)):
                     confirmed.append(delivery)
                     continue
                 report.republished += 1
                 returning.discard(message_id)
                 publish.append(delivery)
+                launching.add(message_id)
                 continue
             if message_id in returning:
                 # In flight when the last run stopped, which was killed before the
@@ -554,10 +565,14 @@ class _Engine:
             read_ids[message_id] = entry[1]
             fresh.append(entry)
             publish.append(delivery)
+            launching.add(message_id)
         report.read += len(deliveries)
-        # The checkpoint names them in flight before the ledger lists them: an id in
-        # the ledger and not in flight is then always one the target confirmed.
-        self._save(self._in_flight(publish))
+        # The checkpoint names them in flight, on disk, before the ledger lists them: an
+        # id in the ledger and not in flight is then always one the target confirmed,
+        # also after a power loss.
+        self._tick()
+        if self.checkpoint is not None:
+            await self.checkpoint.save_durably(self._state_for(self._in_flight(publish)))
         self.ledger.append(fresh)
         if confirmed:
             await self._ack(confirmed)
