@@ -728,3 +728,17 @@ def test_the_original_timestamp_header_is_the_timestamp_in_iso_8601(stamp: datet
     assert _forward(given).headers[ORIGINAL_TIMESTAMP_HEADER] == stamp.isoformat()
     assert (_forward(received).headers[ORIGINAL_TIMESTAMP_HEADER]
             == received.timestamp.isoformat())
+
+
+async def test_ids_that_are_not_valid_utf_8_survive_the_checkpoint_and_ledger(
+        tmp_path: Path) -> None:
+    # A Kafka record id that is not UTF-8 is decoded with surrogateescape.
+    odd = unibus.Message(b"x", id="id-\udcff-\udc80")
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, [odd])
+        report = await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=tmp_path / "c",
+                                      verify=True)
+        written = await drain(dst, "readers")
+    assert [m.id for m in written] == [odd.id]
+    assert report.verify is not None
+    assert report.verify.ok

@@ -100,7 +100,9 @@ class Checkpoint:
 
     def save(self, state: CheckpointState) -> None:
         """Replace the file with ``state``: a reader sees the old or the new, never half."""
-        self._write(json.dumps(asdict(state), ensure_ascii=False), durable=False)
+        # ASCII escapes: an id decoded with surrogateescape (a Kafka id that is not UTF-8)
+        # holds lone surrogates, which no UTF-8 file can hold as they are.
+        self._write(json.dumps(asdict(state), ensure_ascii=True), durable=False)
 
     async def save_durably(self, state: CheckpointState) -> None:
         """:meth:`save`, on disk before this returns (a power loss keeps it).
@@ -108,7 +110,7 @@ class Checkpoint:
         The write and its fsyncs run on a worker thread; ``state`` is serialized first.
         Cancelled, it still waits for the write to end before raising.
         """
-        text = json.dumps(asdict(state), ensure_ascii=False)
+        text = json.dumps(asdict(state), ensure_ascii=True)
         writing = asyncio.ensure_future(asyncio.to_thread(self._write, text, durable=True))
         try:
             await asyncio.shield(writing)
@@ -161,7 +163,8 @@ class Ledger:
             return
         if self._out is None:
             self._out = self.path.open("a", encoding="utf-8")
-        self._out.write("".join(json.dumps(entry, ensure_ascii=False) + "\n"
+        # ASCII escapes, as in the checkpoint: ids may hold lone surrogates.
+        self._out.write("".join(json.dumps(entry, ensure_ascii=True) + "\n"
                                 for entry in entries))
         self._out.flush()
 

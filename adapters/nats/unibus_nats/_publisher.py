@@ -126,7 +126,8 @@ class Publisher:
                     code, text = 0, f"unreadable PubAck {data[:100]!r}"
                 batch.state[index] = _RETRY if code in _RETRYABLE_CODES else _FAILED
                 batch.errors[index] = text
-        batch.outstanding -= 1
+        # A PubAck after a timeout gave up waiting (outstanding reset) counts no lower.
+        batch.outstanding = max(0, batch.outstanding - 1)
         if batch.outstanding <= batch.target:
             batch.wake()
 
