@@ -84,6 +84,37 @@ async def brokers(source_groups: Sequence[str] = (DEFAULT_GROUP,),
         yield src, dst
 
 
+async def migrate_until_cut(src: unibus.Bus, dst: unibus.Bus, checkpoint: Path, *,
+                            batches: int, window: int) -> None:
+    """Migrate in batches of 100 until the target hangs after its ``batches``-th publish.
+
+    That batch is written on the target and never confirmed back — a crash right there.
+    The run is cancelled, leaving ``checkpoint`` as the crash would.
+    """
+    published = 0
+    cut = asyncio.Event()
+
+    async def hang_after_the_last_batch(messages: Sequence[unibus.Message]) -> None:
+        nonlocal published
+        published += 1
+        if published == batches:
+            cut.set()
+            await asyncio.Future()
+
+    host = dst.url.host or ""
+    HookedMemoryAdapter.after[host] = hang_after_the_last_batch
+    try:
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                                   window=window, checkpoint=checkpoint,
+                                                   verify=True))
+        await cut.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        del HookedMemoryAdapter.after[host]
+
+
 async def drain(bus: unibus.Bus, group: str, topic: str = TOPIC) -> list[unibus.Message]:
     """Everything ``group`` holds, acked."""
     out: list[unibus.Message] = []
@@ -261,28 +292,9 @@ async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_d
     sent = sample(1000)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        published = 0
-        cut = asyncio.Event()
-
-        async def hang_after_the_fourth_batch(messages: Sequence[unibus.Message]) -> None:
-            nonlocal published
-            published += 1
-            if published == 4:
-                # Written on the target, never acked on the source: a crash right here.
-                cut.set()
-                await asyncio.Future()
-
-        HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_fourth_batch
-        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
-                                                   window=1, checkpoint=checkpoint,
-                                                   verify=True))
-        await cut.wait()
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
+        await migrate_until_cut(src, dst, checkpoint, batches=4, window=1)
         saved = json.loads(checkpoint.read_text())
         assert (saved["written"], len(saved["in_flight"])) == (300, 100)
-        del HookedMemoryAdapter.after[dst.url.host or ""]
 
         report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100, window=1,
                                       checkpoint=checkpoint, verify=True)
@@ -394,25 +406,7 @@ async def test_a_resume_acks_re_read_confirmed_messages_unpublished_and_republis
     sent = sample(1000)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        published = 0
-        cut = asyncio.Event()
-
-        async def hang_after_the_fifth_batch(messages: Sequence[unibus.Message]) -> None:
-            nonlocal published
-            published += 1
-            if published == 5:
-                cut.set()
-                await asyncio.Future()
-
-        HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_fifth_batch
-        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
-                                                   window=2, checkpoint=checkpoint,
-                                                   verify=True))
-        await cut.wait()
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        del HookedMemoryAdapter.after[dst.url.host or ""]
+        await migrate_until_cut(src, dst, checkpoint, batches=5, window=2)
         saved = json.loads(checkpoint.read_text())
         in_flight = set(saved["in_flight"])
         acked = sent[:saved["acked"]]
@@ -450,26 +444,9 @@ async def test_a_run_killed_before_its_ledger_line_counts_the_in_flight_re_reads
     sent = sample(600)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        published = 0
-        cut = asyncio.Event()
-
-        async def hang_after_the_third_batch(messages: Sequence[unibus.Message]) -> None:
-            nonlocal published
-            published += 1
-            if published == 3:
-                cut.set()
-                await asyncio.Future()
-
-        HookedMemoryAdapter.after[dst.url.host or ""] = hang_after_the_third_batch
-        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
-                                                   window=2, checkpoint=checkpoint,
-                                                   verify=True))
-        await cut.wait()
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        del HookedMemoryAdapter.after[dst.url.host or ""]
-        in_flight = set(json.loads(checkpoint.read_text())["in_flight"])
+        await migrate_until_cut(src, dst, checkpoint, batches=3, window=2)
+        saved = json.loads(checkpoint.read_text())
+        in_flight = set(saved["in_flight"])
         assert in_flight
         # A kill between the checkpoint naming a batch in flight and the ledger
         # listing it: the ledger lacks those ids.
