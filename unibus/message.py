@@ -323,6 +323,15 @@ class Delivery:
 
     def __init__(self, message: Message, *, topic: str, group: str | None, attempt: int,
                  consumer: Consumer, token: Any = None) -> None:
+        self._setup(message, topic, group, attempt, consumer, token)
+
+    def _setup(self, message: Message | None, topic: str, group: str | None, attempt: int,
+               consumer: Consumer, token: Any) -> None:
+        """Set every field: what ``__init__`` does, for subclasses' own constructors.
+
+        ``message`` is ``None`` for a delivery that decodes it on first read
+        (see :meth:`_decode`).
+        """
         self._message: Message | None = message
         self.topic = topic
         self.group = group
@@ -343,7 +352,8 @@ class Delivery:
         """Build the message of a delivery made without one (``_message`` left ``None``).
 
         An adapter whose deliveries decode their message only when it is first read
-        subclasses :class:`Delivery` and overrides this; it is called at most once.
+        subclasses :class:`Delivery`, sets its fields with :meth:`_setup` (message
+        ``None``) and overrides this; it is called at most once.
         """
         raise TypeError(f"{type(self).__name__} was made without a message and "
                         "does not override Delivery._decode")

@@ -71,13 +71,7 @@ class KafkaDelivery(Delivery):
     def __init__(self, record: Any, state: PartitionState, offset: int, topic: str,
                  group: str | None, attempt: int, consumer: KafkaConsumer,
                  message: Message | None, due: float = 0.0) -> None:
-        self._message = message
-        self.topic = topic
-        self.group = group
-        self.attempt = attempt
-        self.token = record
-        self.outcome = None
-        self._consumer = consumer
+        self._setup(message, topic, group, attempt, consumer, record)
         self.state = state
         self.offset = offset
         self.due = due

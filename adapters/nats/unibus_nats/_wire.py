@@ -82,42 +82,17 @@ async def publish_block(nc: Client, subject: str, payload: bytes, header: bytes,
         nats.errors.OutboundBufferLimitError: Disconnected and the reconnect buffer is full.
         nats.errors.MaxPayloadError: Headers and payload exceed the server's max_payload.
     """
-    if nc.is_closed or nc.is_draining_pubs:
-        import nats.errors
-
-        if nc.is_closed:
-            raise nats.errors.ConnectionClosedError
-        raise nats.errors.ConnectionDrainingError
-    size = len(payload)
-    total = len(header) + size
-    if not nc.is_connected and (nc._max_pending_size <= 0
-                                or size + nc._pending_data_size > nc._max_pending_size):
-        import nats.errors
-
-        raise nats.errors.OutboundBufferLimitError
-    if total > nc._max_payload:
-        import nats.errors
-
-        raise nats.errors.MaxPayloadError
-    if reply:
-        command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-            subject.encode(), reply.encode(), len(header), total, header, payload)
-    else:
-        command = b"HPUB %s %d %d\r\n%s%s\r\n" % (
-            subject.encode(), len(header), total, header, payload)
-    nc.stats["out_msgs"] += 1
-    nc.stats["out_bytes"] += size
-    await nc._send_command(command)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
-        await nc._flush_pending()
+    await publish_blocks(nc, subject, [(header, payload)], reply)
 
 
-async def publish_blocks(nc: Client, subject: str, items: list[tuple[bytes, bytes]]) -> None:
+async def publish_blocks(nc: Client, subject: str, items: list[tuple[bytes, bytes]],
+                         reply: str = "") -> None:
     """Publish ``(header block, payload)`` pairs in order, as one write to the buffer.
 
-    The same checks as :func:`publish_block`, made once for the lot where they concern
+    The checks nats-py's ``publish`` makes, made once for the lot where they concern
     the connection (nothing can change it between two messages of one call); only where
     :func:`can_write_directly`. The messages before one that is too large still go out.
+    ``reply``, when given, is the reply subject of every message.
 
     Raises:
         nats.errors.ConnectionClosedError: The client is closed.
@@ -131,7 +106,7 @@ async def publish_blocks(nc: Client, subject: str, items: list[tuple[bytes, byte
             raise nats.errors.ConnectionClosedError
         raise nats.errors.ConnectionDrainingError
     max_payload = nc._max_payload
-    prefix = b"HPUB " + subject.encode()
+    prefix = b"HPUB " + subject.encode() + (b" " + reply.encode() if reply else b"")
     commands = []
     size = 0
     too_large = False

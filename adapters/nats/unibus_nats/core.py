@@ -82,13 +82,7 @@ class _CoreDelivery(Delivery):
     def __init__(self, data: bytes, block: bytes | dict[str, str] | None,
                  subject: str | bytes, topic: str, group: str | None, seq: int,
                  consumer: _CoreConsumer) -> None:
-        self._message = None
-        self.topic = topic
-        self.group = group
-        self.attempt = 1
-        self.token = seq
-        self.outcome = None
-        self._consumer = consumer
+        self._setup(None, topic, group, 1, consumer, seq)
         self._data = data
         self._block = block
         self._subject = subject
