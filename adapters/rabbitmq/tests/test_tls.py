@@ -74,7 +74,10 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command makes the test certificates; it is not installed")
+        reason = "the openssl command makes the test certificates; it is not installed"
+        if brokers_required():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     certs = make_certs(tmp_path_factory.mktemp("tls"))
     spec = replace(RABBITMQ, port_names=(*RABBITMQ.port_names, "amqps"),
                    published=(*RABBITMQ.published, "amqps"),
