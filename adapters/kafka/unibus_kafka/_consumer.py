@@ -115,12 +115,9 @@ class KafkaConsumer(Consumer):
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._poller = Poller(settings=settings, scrub=scrub, group=group,
-                              high=max(8 * prefetch, 10_000),
                               waiting=lambda: self._waiter is not None, wake=self._wake,
                               forget_revoked=self._forget_revoked)
         self._inbox = self._poller.inbox
-        self._room = self._poller.room
-        self._high = self._poller.high
         # The run of records being handed out: its partition's state, the records,
         # and the position of the next one.
         self._run_state: PartitionState | None = None
@@ -172,9 +169,11 @@ class KafkaConsumer(Consumer):
             if remaining is not None and remaining <= 0:
                 return []
             self._waiter = waiter = loop.create_future()
-            if self._pending() and len(self._unsettled) < self._prefetch:
-                self._waiter = None   # a batch landed while this waiter was not yet visible
-                continue
+            if len(self._unsettled) < self._prefetch:
+                if self._pending():
+                    self._waiter = None   # a batch landed while this waiter was not visible
+                    continue
+                self._poller.want()   # the thread waits for records on the driver
             try:
                 if remaining is None:
                     await waiter
@@ -184,6 +183,7 @@ class KafkaConsumer(Consumer):
                 return []
             finally:
                 self._waiter = None
+                self._poller.hungry = False
         return []
 
     def _take(self, max_count: int) -> list[Delivery]:
@@ -207,17 +207,22 @@ class KafkaConsumer(Consumer):
         poller = self._poller
         run, pos, state = self._run, self._pos, self._run_state
         now = 0.0
+        inbox = self._inbox
+        drained = False
         while room > 0:
             if pos >= len(run) or state is None or state.revoked:
-                poller.taken += len(run) - pos   # a revoked partition's rest is dropped
-                if not self._inbox:
+                # The run is done (or its partition revoked: its rest is dropped).
+                if not inbox and not drained:
+                    # Take what the driver has, on the loop, as much as there is room for.
+                    drained = True
+                    poller.drain(room)
+                if not inbox:
                     run, pos, state = _NO_RECORDS, 0, None
                     break
-                state, run = self._inbox.popleft()
+                state, run = inbox.popleft()
                 pos = 0
                 continue
             end = min(len(run), pos + room)
-            poller.taken += end - pos
             topic = state.topic
             fetched = state.fetched
             while pos < end:
@@ -243,8 +248,6 @@ class KafkaConsumer(Consumer):
                 out.append(delivery)
                 room -= 1
         self._run, self._pos, self._run_state = run, pos, state
-        if poller.backlog <= self._high // 2 and not self._room.is_set():
-            self._room.set()
         return out
 
     def _hold(self, delivery: KafkaDelivery) -> None:
