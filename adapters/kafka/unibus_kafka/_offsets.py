@@ -2,15 +2,18 @@
 
 Kafka remembers one position per partition and group, so a message may only be
 "committed" once it and every message before it in its partition is settled.
-Each assigned partition has a :class:`PartitionState` that the consumer thread
-owns: the offsets fetched and not yet settled, in order, the offsets settled
-ahead of a gap, and the next offset to commit. The event loop never touches it,
-except to read ``revoked`` (a flag set once, when the partition is taken away).
+Each assigned partition has a :class:`PartitionState`: the offsets fetched and not
+yet settled, in order, the offsets settled ahead of a gap, and the next offset to
+commit. The event loop records fetches and settlements and so advances
+``commit_to``; whoever drives the consumer (see :mod:`unibus_kafka._poller`) reads
+``commit_to`` for its commits and writes ``committed`` and ``revoked`` (a flag set
+once, when the partition is taken away).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 __all__ = ["PartitionState"]
 
@@ -27,8 +30,8 @@ class PartitionState:
         committed: The last offset sent in a commit, or -1.
     """
 
-    __slots__ = ("_pending", "_settled", "commit_to", "committed", "partition", "revoked",
-                 "topic")
+    __slots__ = ("_pending", "_settled", "commit_to", "committed", "fetched", "partition",
+                 "revoked", "topic")
 
     def __init__(self, topic: str, partition: int) -> None:
         self.topic = topic
@@ -38,6 +41,9 @@ class PartitionState:
         self.committed = -1
         self._pending: deque[int] = deque()
         self._settled: set[int] = set()
+        # Record an offset handed to unibus (offsets arrive in increasing order): the
+        # deque's own append, called once per record without a Python frame.
+        self.fetched: Callable[[int], None] = self._pending.append
 
     def __repr__(self) -> str:
         return (f"<PartitionState {self.topic}[{self.partition}] commit_to={self.commit_to} "
@@ -47,10 +53,6 @@ class PartitionState:
     def unsettled(self) -> int:
         """How many fetched offsets are not settled yet."""
         return len(self._pending) - len(self._settled)
-
-    def fetched(self, offset: int) -> None:
-        """Record an offset handed to unibus (offsets arrive in increasing order)."""
-        self._pending.append(offset)
 
     def settle(self, offset: int) -> None:
         """Record a settled offset and advance ``commit_to`` over the contiguous prefix."""
