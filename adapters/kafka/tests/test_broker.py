@@ -12,6 +12,7 @@ import pytest
 
 import unibus
 from unibus.errors import BrokerUnavailable, DeliveryLost, PublishFailed, UnibusError
+from unibus_kafka._consumer import KafkaConsumer
 
 pytestmark = pytest.mark.broker
 
@@ -125,3 +126,37 @@ async def test_many_concurrent_publishers_share_one_producer(kafka_url: str) -> 
         results = await asyncio.gather(*(bus.publish(topic, f"{i}".encode())
                                          for i in range(200)))
     assert len({m.id for m in results}) == 200
+
+
+async def test_records_wait_in_the_driver_while_the_loop_has_no_room_and_keep_key_order(
+        kafka_url: str) -> None:
+    """With the prefetch full nobody takes records; once room is made every one comes,
+    in publish order per key, whichever side (loop or thread) took it from the driver."""
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish_many(topic, [unibus.Message(b"%d" % i, key=f"k{i % 5}")
+                                              for i in range(5000)])
+        async with bus.subscribe(topic, group=group, prefetch=10) as sub:
+            held: list[unibus.Delivery] = []
+            while len(held) < 10:
+                held += await sub.fetch(timeout=10)
+            # Full: this fetch waits for room, and the thread only serves the driver.
+            assert await sub.fetch(timeout=1.5) == []
+            consumer = sub._consumer
+            assert isinstance(consumer, KafkaConsumer)
+            inbox = consumer._poller.inbox
+            taken_ahead = sum(len(records) for _, records in inbox)
+            assert taken_ahead <= 5, f"{taken_ahead} records were taken with no room for them"
+            received = held
+            for delivery in held:
+                await delivery.ack()
+            deadline = time.monotonic() + 60
+            while len(received) < len(sent) and time.monotonic() < deadline:
+                batch = await sub.fetch(timeout=1)
+                received += batch
+                for delivery in batch:
+                    await delivery.ack()
+    assert sorted(d.id for d in received) == sorted(m.id for m in sent)
+    for key in {m.key for m in sent}:
+        assert [d.id for d in received if d.key == key] == [m.id for m in sent if m.key == key]
