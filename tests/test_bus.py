@@ -116,6 +116,20 @@ async def test_non_bytes_item_in_a_batch_sends_none_of_it(bus: unibus.Bus) -> No
     assert await received(bus) == []
 
 
+@pytest.mark.parametrize("shape", [list, tuple, iter])
+async def test_publish_many_takes_bodies_and_messages_in_any_iterable_in_order(
+        bus: unibus.Bus, shape: type) -> None:
+    kept = Message(b"kept")
+    items: list[bytes | bytearray | Message] = [b"a", kept, bytearray(b"b"), b"c"]
+
+    sent = await bus.publish_many(TOPIC, shape(items))
+
+    assert [m.body for m in sent] == [b"a", b"kept", b"b", b"c"]
+    assert sent[1] is kept
+    assert [m.id for m in sent if m is not kept] == sorted(m.id for m in sent if m is not kept)
+    assert await received(bus) == [b"a", b"kept", b"b", b"c"]
+
+
 @pytest.mark.parametrize("body", [b"one body", "one text"])
 async def test_publish_many_of_a_single_body_is_refused_pointing_to_publish(
         bus: unibus.Bus, body: bytes | str) -> None:

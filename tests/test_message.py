@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import pickle
+import random
 import sys
 import threading
 import time
@@ -459,3 +460,48 @@ def test_a_forked_child_does_not_repeat_its_parents_ids(
     os.waitpid(pid, 0)
     assert len(child) == 36
     assert child != new_message_id()
+
+
+def test_ids_made_by_the_lot_are_those_made_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Same millisecond and the same random draws: the lot is the one-by-one sequence,
+    # across the end of a millisecond's 4096 sequence numbers too.
+    frozen = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: frozen)
+    ms = frozen // 1_000_000
+    for count in (1, 7, 5000, 9000):
+        monkeypatch.setattr(unibus.message, "_clock", unibus.message._IdClock())
+        monkeypatch.setattr(unibus.message, "_getrandbits", random.Random(count).getrandbits)
+        one_by_one = [unibus.message._id_at(ms) for _ in range(count)]
+        monkeypatch.setattr(unibus.message, "_clock", unibus.message._IdClock())
+        monkeypatch.setattr(unibus.message, "_getrandbits", random.Random(count).getrandbits)
+        assert unibus.message._ids_at(ms, count) == one_by_one
+
+
+def test_ids_by_the_lot_and_one_by_one_interleave_in_order() -> None:
+    ids = [new_message_id()]
+    for count in (3, 4100, 1):
+        ids += unibus.message._ids_at(time.time_ns() // 1_000_000, count)
+        ids.append(new_message_id())
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_messages_of_bodies_are_those_message_makes() -> None:
+    before = time.time_ns() // 1000
+    kept = Message(b"kept", key="k")
+    made = Message._of_bodies([b"a", bytearray(b"b"), kept, memoryview(b"c"), b""])
+    after = time.time_ns() // 1000
+    assert [m.body for m in made] == [b"a", b"b", b"kept", b"c", b""]
+    assert made[2] is kept
+    for message in (made[0], made[1], made[3], made[4]):
+        assert type(message.body) is bytes
+        assert message.key is None
+        assert message.headers == {}
+        assert before <= message.timestamp_us <= after
+        assert uuid.UUID(message.id).version == 7
+    assert made[0] == Message(b"a", id=made[0].id, timestamp=made[0].timestamp)
+    assert made[0].id < made[1].id < made[3].id < made[4].id
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made[0].body = b"changed"   # type: ignore[misc]
+    with pytest.raises(InvalidMessage):
+        Message._of_bodies([b"ok", "text"])

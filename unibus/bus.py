@@ -218,9 +218,12 @@ class Bus:
             raise InvalidMessage(f"publish_many takes an iterable of messages or bodies, not "
                                  f"one {type(messages).__name__}; use publish() for a single "
                                  "body, or wrap it in a list")
-        # Plain bytes (the common case) skip _coerce's call: this runs once per message.
-        batch = [m if type(m) is Message else Message(m) if type(m) is bytes
-                 else self._coerce(m) for m in messages]
+        items = messages if isinstance(messages, list | tuple) else list(messages)
+        if items and type(items[0]) is bytes:
+            # Bodies (the common case): made at one moment, one id lock for the lot.
+            batch = Message._of_bodies(items)
+        else:
+            batch = [m if type(m) is Message else self._coerce(m) for m in items]
         limit = self._max_size
         for m in batch:
             if len(m.body) > limit:
