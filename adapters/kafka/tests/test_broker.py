@@ -160,3 +160,19 @@ async def test_records_wait_in_the_driver_while_the_loop_has_no_room_and_keep_ke
     assert sorted(d.id for d in received) == sorted(m.id for m in sent)
     for key in {m.key for m in sent}:
         assert [d.id for d in received if d.key == key] == [m.id for m in sent if m.key == key]
+
+
+async def test_a_prefetch_beyond_the_drivers_batch_limit_still_fetches(kafka_url: str) -> None:
+    # confluent-kafka's consume() refuses more than 1,000,000 records per call.
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish_many(topic, [b"a", b"b", b"c"])
+        async with bus.subscribe(topic, group=group, prefetch=2_000_000) as sub:
+            received: list[unibus.Delivery] = []
+            deadline = time.monotonic() + 30
+            while len(received) < 3 and time.monotonic() < deadline:
+                received += await sub.fetch(timeout=1)
+            for delivery in received:
+                await delivery.ack()
+    assert sorted(d.id for d in received) == sorted(m.id for m in sent)

@@ -100,3 +100,102 @@ async def test_consumers_joining_and_leaving_mid_run_lose_nothing(kafka_url: str
           f"acks_after_revocation={lost_acks} per_consumer={dict(per_consumer)}")
     assert lost == 0
     assert all(per_consumer[name] > 0 for name in ("c1", "c2", "c3"))
+
+
+async def test_a_member_that_joins_gets_nothing_another_member_acked(kafka_url: str) -> None:
+    """A revocation commits what was settled, whichever side (event loop or consumer
+    thread) served it, and an ack racing with it raises DeliveryLost: no message whose
+    ``ack()`` returned reaches the partition's next owner."""
+    topic, group = f"rb-{uuid.uuid4().hex[:12]}", f"rb-{uuid.uuid4().hex[:12]}"
+    total, batch = 20_000, 250
+    url = f"{kafka_url}&partitions=6"
+    acked_by_first: set[str] = set()
+    got_by_second: list[str] = []
+    received: set[str] = set()
+    confirmed: set[str] = set()
+    progress = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def consume(into: Callable[[str], None], acked: set[str] | None) -> None:
+        async with unibus.connect(url) as bus, bus.subscribe(topic, group=group,
+                                                             prefetch=256) as sub:
+            while not stop.is_set():
+                for delivery in await sub.fetch(timeout=0.2):
+                    into(delivery.id)
+                    received.add(delivery.id)
+                    progress.set()
+                    try:
+                        await delivery.ack()   # in order: what is acked is contiguous
+                    except DeliveryLost:
+                        continue
+                    if acked is not None:
+                        acked.add(delivery.id)
+
+    async def until(done: Callable[[], bool]) -> None:
+        while not done():
+            progress.clear()
+            await progress.wait()
+
+    async with unibus.connect(url) as bus:
+        await bus.declare_group(topic, group)
+
+        async def publish() -> None:
+            for start in range(0, total, batch):
+                messages = await bus.publish_many(topic, [
+                    unibus.Message(b"j" * 64, key=f"k{(start + i) % 31}")
+                    for i in range(batch)])
+                confirmed.update(m.id for m in messages)
+                progress.set()
+                await asyncio.sleep(0.05)   # pacing: the first member stays busy
+
+        async def run() -> None:
+            first = asyncio.create_task(consume(lambda _: None, acked_by_first))
+            await until(lambda: len(acked_by_first) >= 2_000)
+            second = asyncio.create_task(consume(got_by_second.append, None))
+            await until(lambda: len(confirmed) == total and confirmed <= received)
+            stop.set()
+            await asyncio.gather(first, second)
+
+        await asyncio.wait_for(asyncio.gather(publish(), run()), timeout=100)
+
+    again = acked_by_first.intersection(got_by_second)
+    print(f"\nrejoin: first acked {len(acked_by_first)}, second got {len(got_by_second)}, "
+          f"of them acked by the first: {len(again)}")
+    assert got_by_second, "the second member was never assigned a partition"
+    assert not again
+    assert confirmed <= received
+
+
+async def test_a_revocation_served_on_the_event_loop_commits_at_once(kafka_url: str) -> None:
+    """The loop serves rebalances when its own drain calls the driver, usually moments
+    after a periodic commit: the revocation's commit must go regardless, so the next
+    member starts after everything acked."""
+    from confluent_kafka import TopicPartition
+
+    from unibus_kafka._consumer import KafkaConsumer
+
+    topic, group = f"rb-{uuid.uuid4().hex[:12]}", f"rb-{uuid.uuid4().hex[:12]}"
+    url = f"{kafka_url}&partitions=1"
+    async with unibus.connect(url) as bus:
+        await bus.declare_group(topic, group)
+        await bus.publish_many(topic, [b"acked %d" % i for i in range(100)])
+        async with bus.subscribe(topic, group=group, prefetch=100) as sub:
+            acked = 0
+            while acked < 100:
+                for delivery in await sub.fetch(timeout=10):
+                    await delivery.ack()
+                    acked += 1
+            consumer = sub._consumer
+            assert isinstance(consumer, KafkaConsumer)
+            poller = consumer._poller
+            state = poller._parts[(topic, 0)]
+            with poller.driving:   # as inside the loop's drain, right after a commit
+                poller._last_commit = time.monotonic()
+                poller._on_revoke(poller._kc, [TopicPartition(topic, 0)])
+            assert state.revoked
+            assert state.committed == state.commit_to > 0
+        await bus.publish(topic, b"marker")
+        async with bus.subscribe(topic, group=group) as again:
+            [first] = await again.fetch(1, timeout=30)
+            assert first.body == b"marker"
+            await first.ack()

@@ -165,7 +165,7 @@ class KafkaConsumer(Consumer):
                 raise self._poller.failure
             out = self._take(max_count)
             if out:
-                return out
+                return cast("list[Delivery]", out)   # a list of this adapter's deliveries
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return []
@@ -174,7 +174,8 @@ class KafkaConsumer(Consumer):
                 if self._pending():
                     self._waiter = None   # a batch landed while this waiter was not visible
                     continue
-                self._poller.want()   # the thread waits for records on the driver
+                # The thread waits for records on the driver, as many as there is room for.
+                self._poller.want(self._prefetch - len(self._unsettled))
             try:
                 if remaining is None:
                     await waiter
@@ -187,14 +188,14 @@ class KafkaConsumer(Consumer):
                 self._poller.hungry = False
         return []
 
-    def _take(self, max_count: int) -> list[Delivery]:
+    def _take(self, max_count: int) -> list[KafkaDelivery]:
         # This runs once per fetched batch and loops once per record: it is written for
         # speed. A record as unibus writes it becomes a delivery without decoding.
         unsettled = self._unsettled
         room = min(max_count, self._prefetch - len(unsettled))
         if room <= 0:
             return []
-        out: list[Delivery] = []
+        out: list[KafkaDelivery] = []
         ready = self._ready
         while room > 0 and ready:   # redeliveries and records whose time has come
             delivery = ready.popleft()
@@ -217,7 +218,15 @@ class KafkaConsumer(Consumer):
                 if not inbox and not drained:
                     # Take what the driver has, on the loop, as much as there is room for.
                     drained = True
+                    revocations = poller.revocations
                     poller.drain(room)
+                    if poller.revocations != revocations and out:
+                        # The drain served a revocation: what this fetch collected of
+                        # those partitions is the next owner's now.
+                        kept = [d for d in out if not d.state.revoked]
+                        room += len(out) - len(kept)
+                        unsettled.difference_update(d for d in out if d.state.revoked)
+                        out = kept
                 if not inbox:
                     run, pos, state = _NO_RECORDS, 0, None
                     break
@@ -319,7 +328,11 @@ class KafkaConsumer(Consumer):
         except KeyError:
             self._release(delivery)   # raises DeliveryLost
         state = held.state
-        if self._group is not None and not state.revoked:
+        if state.revoked:
+            # Taken away before this settlement: not committed here, the partition's
+            # next owner gets the message.
+            self._release(delivery)   # no longer unsettled: raises DeliveryLost
+        if self._group is not None:
             state.settle(held.offset)
         if self._waiter is not None:
             self._wake()

@@ -24,10 +24,14 @@ were live Python objects every garbage collection walked. Draining on the loop c
   the loop drops its undelivered records, and its unsettled deliveries raise
   ``DeliveryLost`` when settled (the new owner gets them). The rebalance callback
   runs on whichever side called the driver; on the event loop the commit is sent
-  asynchronously rather than awaited (the loop must not block): librdkafka queues
-  it to the group coordinator before the rejoin that follows the callback, and the
-  coordinator handles one connection's requests in order, so the new owner reads
-  it. Lost partitions (the group moved on without us) are dropped without a commit.
+  asynchronously rather than awaited (the loop must not block). That is enough:
+  librdkafka queues the commit on the group's op queue ahead of the unassignment
+  that follows the callback, and completes the unassignment (so rejoins, or
+  acknowledges the revocation under KIP-848) only once no commit is outstanding
+  (``rd_kafka_assignment_serve`` waits for ``wait_commit_cnt`` to drop to 0), so the
+  partition's next owner reads it. The states are marked revoked before the commit:
+  a settlement racing with it raises ``DeliveryLost``. Lost partitions (the group
+  moved on without us) are dropped without a commit.
 - **Thread safety**: the driver, ``_parts`` and the inbox's producers are used under
   ``driving`` only. ``PartitionState.commit_to`` is written by the loop only; ``committed``
   and ``revoked`` are written under the lock only.
@@ -71,7 +75,8 @@ class Poller:
             for the event loop.
         driving: Held by whichever side calls the driver's consumer.
         hungry: Set by the event loop while it waits for records with room for them;
-            only then does the thread take records.
+            only then does the thread take records (as many as there is room for).
+        revocations: How many times partitions were taken away (loop or thread).
         failure: Set when the consumer failed for good (refused credentials, fatal).
     """
 
@@ -88,9 +93,11 @@ class Poller:
         self.inbox: deque[tuple[PartitionState, list[Any]]] = deque()
         self.driving = threading.Lock()
         self.hungry = False
+        self.revocations = 0
         self._wanted = threading.Event()
         self._loop_thread = threading.get_ident()
         self._last_served = 0.0
+        self._room = _BATCH
         self._shut = False
         self._joined = group is None   # a group's first assignment came
         self.failure: UnibusError | None = None
@@ -188,8 +195,10 @@ class Poller:
 
     # -- the thread --------------------------------------------------------------
 
-    def want(self) -> None:
-        """The event loop waits for records and has room: let the thread take them."""
+    def want(self, room: int) -> None:
+        """The event loop waits for records and has room for ``room``: let the thread
+        take up to that many."""
+        self._room = room
         self.hungry = True
         self._wanted.set()
 
@@ -202,13 +211,17 @@ class Poller:
         if not self.driving.acquire(blocking=False):
             return False
         try:
-            if self._shut:
+            if self._shut or self.failure is not None:
                 return True
-            records = self._kc.consume(num_messages=limit, timeout=0)
+            records = self._kc.consume(num_messages=min(limit, _BATCH), timeout=0)
+            self._last_served = time.monotonic()
             if records:
                 self._ingest(records)
-            self._last_served = time.monotonic()
             self._commit(sync=False)
+        except Exception as exc:
+            # As on the thread: the consumer failed for good; fetch raises it.
+            log.exception("unibus kafka consumer failed on the event loop")
+            self._fail(BrokerError(self._scrub(f"the Kafka consumer failed: {exc}")))
         finally:
             self.driving.release()
         return True
@@ -236,14 +249,14 @@ class Poller:
                 # pending): wait for them here, off the loop.
                 with self.driving:
                     if not self.inbox:
-                        records = kc.consume(num_messages=_BATCH, timeout=0)
+                        records = kc.consume(num_messages=min(self._room, _BATCH), timeout=0)
                         if not records:
                             first = kc.poll(_POLL)
                             if first is not None:
                                 records = [first]
+                        self._last_served = time.monotonic()
                         if records:
                             self._ingest(records)
-                    self._last_served = time.monotonic()
                     self._commit(sync=False)
                 if self.inbox:
                     # Handed over: the loop clears ``hungry`` when it has taken them.
@@ -291,9 +304,11 @@ class Poller:
         if self._group is None:
             return
         now = time.monotonic()
-        if not sync and now - self._last_commit < self._settings.commit_interval:
-            return
-        self._last_commit = now
+        if only is None:
+            # The periodic commit of everything; a revocation's commit always goes.
+            if not sync and now - self._last_commit < self._settings.commit_interval:
+                return
+            self._last_commit = now
         from confluent_kafka import TopicPartition
 
         # commit_to is advanced by the event loop as deliveries settle; reading an int
@@ -336,8 +351,12 @@ class Poller:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         states = [s for tp in partitions
                   if (s := self._parts.get((tp.topic, tp.partition))) is not None]
+        # Frozen first: a settlement from now on raises DeliveryLost instead of moving
+        # commit_to past what this commit sends (the thread's commit releases the GIL).
+        for state in states:
+            state.revoked = True
         # On the event loop (its drain served the rebalance) the commit is queued, not
-        # awaited: it reaches the coordinator before the rejoin (module docstring).
+        # awaited: librdkafka rejoins only once it is answered (module docstring).
         self._commit(sync=threading.get_ident() != self._loop_thread, only=states)
         self._drop(states)
 
@@ -347,6 +366,8 @@ class Poller:
                     if (s := self._parts.get((tp.topic, tp.partition))) is not None])
 
     def _drop(self, states: list[PartitionState]) -> None:
+        if states:
+            self.revocations += 1
         for state in states:
             state.revoked = True
             self._parts.pop((state.topic, state.partition), None)
