@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from typer.testing import CliRunner
@@ -85,11 +85,11 @@ async def brokers(source_groups: Sequence[str] = (DEFAULT_GROUP,),
 
 
 async def migrate_until_cut(src: unibus.Bus, dst: unibus.Bus, checkpoint: Path, *,
-                            batches: int, window: int) -> None:
+                            batches: int, window: int) -> dict[str, Any]:
     """Migrate in batches of 100 until the target hangs after its ``batches``-th publish.
 
     That batch is written on the target and never confirmed back — a crash right there.
-    The run is cancelled, leaving ``checkpoint`` as the crash would.
+    The run is cancelled, leaving ``checkpoint`` as the crash would; returns what it holds.
     """
     published = 0
     cut = asyncio.Event()
@@ -113,6 +113,8 @@ async def migrate_until_cut(src: unibus.Bus, dst: unibus.Bus, checkpoint: Path, 
             await first
     finally:
         del HookedMemoryAdapter.after[host]
+    saved: dict[str, Any] = json.loads(await asyncio.to_thread(checkpoint.read_text))
+    return saved
 
 
 async def drain(bus: unibus.Bus, group: str, topic: str = TOPIC) -> list[unibus.Message]:
@@ -292,8 +294,7 @@ async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_d
     sent = sample(1000)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        await migrate_until_cut(src, dst, checkpoint, batches=4, window=1)
-        saved = json.loads(checkpoint.read_text())
+        saved = await migrate_until_cut(src, dst, checkpoint, batches=4, window=1)
         assert (saved["written"], len(saved["in_flight"])) == (300, 100)
 
         report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100, window=1,
@@ -406,8 +407,7 @@ async def test_a_resume_acks_re_read_confirmed_messages_unpublished_and_republis
     sent = sample(1000)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        await migrate_until_cut(src, dst, checkpoint, batches=5, window=2)
-        saved = json.loads(checkpoint.read_text())
+        saved = await migrate_until_cut(src, dst, checkpoint, batches=5, window=2)
         in_flight = set(saved["in_flight"])
         acked = sent[:saved["acked"]]
         # Window 2: the fifth batch went out once at most two were unconfirmed.
@@ -444,8 +444,7 @@ async def test_a_run_killed_before_its_ledger_line_counts_the_in_flight_re_reads
     sent = sample(600)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        await migrate_until_cut(src, dst, checkpoint, batches=3, window=2)
-        saved = json.loads(checkpoint.read_text())
+        saved = await migrate_until_cut(src, dst, checkpoint, batches=3, window=2)
         in_flight = set(saved["in_flight"])
         assert in_flight
         # A kill between the checkpoint naming a batch in flight and the ledger

@@ -221,8 +221,8 @@ class Message:
     def _of_bodies(cls, items: Sequence[object]) -> list[Message]:
         """Messages for ``items``, made at one moment: what ``publish_many`` builds.
 
-        A ``bytes`` item becomes a message as ``Message(item)`` would make it, at a
-        third of the cost (one clock read and one id lock for the lot); a
+        A ``bytes`` item becomes a message as ``Message(item)`` would make it, at
+        a third of the cost (one clock read and one id lock for the lot); a
         ``Message`` is kept; anything else goes through ``Message(item)`` with the
         id of its place (which coerces buffers and raises ``InvalidMessage`` for the
         rest). Ids follow the order of ``items``.
@@ -231,16 +231,10 @@ class Message:
         us = ns // 1000
         messages: list[Message] = []
         append = messages.append
+        trusted = cls.trusted
         for item, id in zip(items, _ids_at(ns // 1_000_000, len(items)), strict=True):
             if type(item) is bytes:
-                message = _new(cls)
-                message._body = item
-                message._id = id
-                message._key = None
-                message._headers = _NO_HEADERS
-                message._us = us
-                message._at = None
-                append(message)
+                append(trusted(item, id, None, None, us))   # valid by construction
             elif isinstance(item, Message):
                 append(item)
             else:
@@ -361,9 +355,6 @@ class Outcome(Enum):
     REJECT = "reject"
 
 
-_ACK = Outcome.ACK
-
-
 class Delivery:
     """A received message, to be settled exactly once.
 
@@ -453,9 +444,7 @@ class Delivery:
             AlreadySettled: The delivery was settled before.
             DeliveryLost: The channel it came on is gone; the broker redelivers it.
         """
-        if self.outcome is not None:   # _settle, written out: this runs per message
-            self._settle(Outcome.ACK)   # raises AlreadySettled
-        self.outcome = _ACK
+        self._settle(Outcome.ACK)
         await self._consumer.ack(self)
 
     async def nack(self, delay: float = 0.0) -> None:

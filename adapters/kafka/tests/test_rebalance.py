@@ -23,6 +23,25 @@ from unibus.errors import DeliveryLost
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
 
+async def until(progress: asyncio.Event, done: Callable[[], bool]) -> None:
+    """Wait until ``done()``, re-checking whenever ``progress`` is set."""
+    while not done():
+        progress.clear()
+        await progress.wait()
+
+
+async def publish_paced(bus: unibus.Bus, topic: str, *, total: int, batch: int, body: bytes,
+                        keys: int, pause: float, confirmed: set[str],
+                        progress: asyncio.Event) -> None:
+    """Publish ``total`` keyed messages in batches, ``pause`` s apart, noting each confirmed."""
+    for start in range(0, total, batch):
+        messages = await bus.publish_many(topic, [
+            unibus.Message(body, key=f"k{(start + i) % keys}") for i in range(batch)])
+        confirmed.update(m.id for m in messages)
+        progress.set()
+        await asyncio.sleep(pause)
+
+
 async def test_consumers_joining_and_leaving_mid_run_lose_nothing(kafka_url: str) -> None:
     topic, group = f"rb-{uuid.uuid4().hex[:12]}", f"rb-{uuid.uuid4().hex[:12]}"
     total, batch = 50_000, 500
@@ -57,22 +76,13 @@ async def test_consumers_joining_and_leaving_mid_run_lose_nothing(kafka_url: str
         await bus.declare_group(topic, group)
 
         async def publish() -> None:
-            for start in range(0, total, batch):
-                messages = await bus.publish_many(topic, [
-                    unibus.Message(b"r" * 256, key=f"k{(start + i) % 97}")
-                    for i in range(batch)])
-                confirmed.update(m.id for m in messages)
-                progress.set()
-                await asyncio.sleep(0.1)   # pacing: the run spans the joins and leaves
+            # Paced: the run spans the joins and leaves.
+            await publish_paced(bus, topic, total=total, batch=batch, body=b"r" * 256, keys=97,
+                                pause=0.1, confirmed=confirmed, progress=progress)
             published.set()
 
-        async def until(done: Callable[[], bool]) -> None:
-            while not done():
-                progress.clear()
-                await progress.wait()
-
         async def at(count: int) -> None:
-            await until(lambda: len(confirmed) >= count)
+            await until(progress, lambda: len(confirmed) >= count)
 
         async def choreography() -> None:
             tasks = [asyncio.create_task(consume("c1"))]
@@ -86,7 +96,8 @@ async def test_consumers_joining_and_leaving_mid_run_lose_nothing(kafka_url: str
             stops["c2"].set()
             await published.wait()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(until(lambda: confirmed <= received.keys()), 60)
+                await asyncio.wait_for(
+                    until(progress, lambda: confirmed <= received.keys()), 60)
             stops["c3"].set()
             await asyncio.gather(*tasks)
 
@@ -131,32 +142,21 @@ async def test_a_member_that_joins_gets_nothing_another_member_acked(kafka_url: 
                     if acked is not None:
                         acked.add(delivery.id)
 
-    async def until(done: Callable[[], bool]) -> None:
-        while not done():
-            progress.clear()
-            await progress.wait()
-
     async with unibus.connect(url) as bus:
         await bus.declare_group(topic, group)
-
-        async def publish() -> None:
-            for start in range(0, total, batch):
-                messages = await bus.publish_many(topic, [
-                    unibus.Message(b"j" * 64, key=f"k{(start + i) % 31}")
-                    for i in range(batch)])
-                confirmed.update(m.id for m in messages)
-                progress.set()
-                await asyncio.sleep(0.05)   # pacing: the first member stays busy
+        # Paced: the first member stays busy.
+        publish = publish_paced(bus, topic, total=total, batch=batch, body=b"j" * 64, keys=31,
+                                pause=0.05, confirmed=confirmed, progress=progress)
 
         async def run() -> None:
             first = asyncio.create_task(consume(lambda _: None, acked_by_first))
-            await until(lambda: len(acked_by_first) >= 2_000)
+            await until(progress, lambda: len(acked_by_first) >= 2_000)
             second = asyncio.create_task(consume(got_by_second.append, None))
-            await until(lambda: len(confirmed) == total and confirmed <= received)
+            await until(progress, lambda: len(confirmed) == total and confirmed <= received)
             stop.set()
             await asyncio.gather(first, second)
 
-        await asyncio.wait_for(asyncio.gather(publish(), run()), timeout=100)
+        await asyncio.wait_for(asyncio.gather(publish, run()), timeout=100)
 
     again = acked_by_first.intersection(got_by_second)
     print(f"\nrejoin: first acked {len(acked_by_first)}, second got {len(got_by_second)}, "

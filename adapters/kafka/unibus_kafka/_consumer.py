@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["KafkaConsumer", "KafkaDelivery"]
 
 _NO_RECORDS: list[Any] = []
-_new = object.__new__
 
 
 class KafkaDelivery(Delivery):
@@ -207,7 +206,7 @@ class KafkaConsumer(Consumer):
         group = self._group
         tracked = group is not None
         poller = self._poller
-        new = _new
+        revocations = poller.revocations
         run, pos, state = self._run, self._pos, self._run_state
         now = 0.0
         inbox = self._inbox
@@ -218,15 +217,7 @@ class KafkaConsumer(Consumer):
                 if not inbox and not drained:
                     # Take what the driver has, on the loop, as much as there is room for.
                     drained = True
-                    revocations = poller.revocations
                     poller.drain(room)
-                    if poller.revocations != revocations and out:
-                        # The drain served a revocation: what this fetch collected of
-                        # those partitions is the next owner's now.
-                        kept = [d for d in out if not d.state.revoked]
-                        room += len(out) - len(kept)
-                        unsettled.difference_update(d for d in out if d.state.revoked)
-                        out = kept
                 if not inbox:
                     run, pos, state = _NO_RECORDS, 0, None
                     break
@@ -245,19 +236,7 @@ class KafkaConsumer(Consumer):
                 headers = raw.headers()   # is_plain, written out: this runs per record
                 if (headers is not None and len(headers) == 2 and headers[0][0] == ID_HEADER
                         and headers[1][0] == TS_HEADER):
-                    # KafkaDelivery(raw, state, offset, topic, group, 1, self, None),
-                    # written out: a third cheaper than the two constructor calls.
-                    delivery = new(KafkaDelivery)
-                    delivery._message = None
-                    delivery.topic = topic
-                    delivery.group = group
-                    delivery.attempt = 1
-                    delivery.token = raw
-                    delivery.outcome = None
-                    delivery._consumer = self
-                    delivery.state = state
-                    delivery.offset = offset
-                    delivery.due = 0.0
+                    delivery = KafkaDelivery(raw, state, offset, topic, group, 1, self, None)
                 else:
                     message, origin, attempt, due = decode(raw)
                     delivery = KafkaDelivery(raw, state, offset, origin, group, attempt, self,
@@ -271,6 +250,10 @@ class KafkaConsumer(Consumer):
                 out.append(delivery)
                 room -= 1
         self._run, self._pos, self._run_state = run, pos, state
+        if poller.revocations != revocations:
+            # The drain served a revocation: what this fetch took of those partitions
+            # is the next owner's now (_forget_revoked, scheduled, cleans up the rest).
+            out = [d for d in out if not d.state.revoked]
         return out
 
     def _hold(self, delivery: KafkaDelivery) -> None:

@@ -202,32 +202,39 @@ class Poller:
         self.hungry = True
         self._wanted.set()
 
-    def drain(self, limit: int) -> bool:
+    def drain(self, limit: int) -> None:
         """Take up to ``limit`` records the driver has now, on the event loop.
 
-        Returns:
-            False when the thread holds the driver (it hands its records over itself).
+        Does nothing while the thread holds the driver: it hands its records over itself.
         """
         if not self.driving.acquire(blocking=False):
-            return False
+            return
         try:
             if self._shut or self.failure is not None:
-                return True
-            records = self._kc.consume(num_messages=min(limit, _BATCH), timeout=0)
-            self._last_served = time.monotonic()
-            if records:
-                self._ingest(records)
-            self._commit(sync=False)
+                return
+            self._pull(limit, 0.0)
         except Exception as exc:
             # As on the thread: the consumer failed for good; fetch raises it.
             log.exception("unibus kafka consumer failed on the event loop")
             self._fail(BrokerError(self._scrub(f"the Kafka consumer failed: {exc}")))
         finally:
             self.driving.release()
-        return True
+
+    def _pull(self, limit: int, wait: float) -> None:
+        """Take up to ``limit`` records, waiting up to ``wait`` s for a first one, and
+        commit what is due. The caller holds ``driving``; callbacks run here."""
+        kc = self._kc
+        records = kc.consume(num_messages=min(limit, _BATCH), timeout=0)
+        if not records and wait:
+            first = kc.poll(wait)
+            if first is not None:
+                records = [first]
+        self._last_served = time.monotonic()
+        if records:
+            self._ingest(records)
+        self._commit(sync=False)
 
     def _run(self) -> None:
-        kc = self._kc
         try:
             while not self._closing.is_set():
                 if not self.hungry and self._joined:
@@ -239,25 +246,13 @@ class Poller:
                         continue
                     if time.monotonic() - self._last_served >= _SERVE:
                         with self.driving:
-                            first = kc.poll(0)
-                            if first is not None:
-                                self._ingest([first])
-                            self._last_served = time.monotonic()
-                            self._commit(sync=False)
+                            self._pull(1, 0.0)
                     continue
                 # The loop waits for records (or the group's first assignment is
                 # pending): wait for them here, off the loop.
                 with self.driving:
                     if not self.inbox:
-                        records = kc.consume(num_messages=min(self._room, _BATCH), timeout=0)
-                        if not records:
-                            first = kc.poll(_POLL)
-                            if first is not None:
-                                records = [first]
-                        self._last_served = time.monotonic()
-                        if records:
-                            self._ingest(records)
-                    self._commit(sync=False)
+                        self._pull(self._room, _POLL)
                 if self.inbox:
                     # Handed over: the loop clears ``hungry`` when it has taken them.
                     self._wanted.wait(_POLL)
