@@ -76,6 +76,8 @@ def test_client_options_reach_the_driver_configuration() -> None:
     assert consumer["enable.auto.commit"] is False
     assert consumer["auto.offset.reset"] == "earliest"
     assert "group.protocol" not in consumer   # librdkafka's default: the classic protocol
+    # A consumer that keeps up with its prefetch queue never waits librdkafka's 1 s.
+    assert consumer["fetch.queue.backoff.ms"] == 20
     assert settings.partitions == 7
 
 
