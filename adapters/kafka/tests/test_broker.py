@@ -176,3 +176,65 @@ async def test_a_prefetch_beyond_the_drivers_batch_limit_still_fetches(kafka_url
             for delivery in received:
                 await delivery.ack()
     assert sorted(d.id for d in received) == sorted(m.id for m in sent)
+
+
+def committed_count(kafka_url: str, topic: str, group: str) -> int:
+    """The sum of the group's committed offsets over the topic's partitions."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from unibus.url import make_url
+    from unibus_kafka._url import parse_settings
+
+    bootstrap = parse_settings(make_url(kafka_url)).bootstrap
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        offsets = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        reader.close()
+    return sum(tp.offset for tp in offsets if tp.offset >= 0)
+
+
+async def test_a_held_delayed_message_never_stops_the_topics_commit_point(
+        kafka_url: str) -> None:
+    """A delayed publish waits in the topic's delay lane, not in the topic: what comes
+    after it under the same key is committed while it is held."""
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        await bus.publish(topic, b"later", key="k", delay=600)
+        sent = await bus.publish_many(topic, [unibus.Message(b"now", key="k")
+                                              for _ in range(10)])
+        async with bus.subscribe(topic, group=group) as sub:
+            received: list[unibus.Delivery] = []
+            deadline = time.monotonic() + 30
+            while len(received) < len(sent) and time.monotonic() < deadline:
+                for delivery in await sub.fetch(timeout=1):
+                    received.append(delivery)
+                    await delivery.ack()
+    assert [d.id for d in received] == [m.id for m in sent]
+    assert committed_count(kafka_url, topic, group) == len(sent)
+
+
+async def test_a_record_of_the_topic_itself_is_never_held_whatever_its_headers(
+        kafka_url: str) -> None:
+    """Only a lane's records are read for bookkeeping: a foreign record in the topic
+    carrying ``unibus.due`` and ``unibus.attempt`` comes at once, first attempt."""
+    from confluent_kafka import Producer
+
+    from unibus.url import make_url
+    from unibus_kafka._url import parse_settings
+
+    topic, group = fresh("t"), fresh("g")
+    far = b"%d" % ((time.time() + 3600) * 1_000_000)
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        producer = Producer({"bootstrap.servers": parse_settings(make_url(kafka_url)).bootstrap})
+        producer.produce(topic, b"foreign", headers=[("unibus.id", b"f-1"), ("unibus.due", far),
+                                                     ("unibus.attempt", b"7"), ("x", b"y")])
+        assert producer.flush(10) == 0
+        async with bus.subscribe(topic, group=group) as sub:
+            [delivery] = await sub.fetch(1, timeout=10)
+            assert (delivery.id, delivery.body, delivery.attempt) == ("f-1", b"foreign", 1)
+            assert dict(delivery.headers) == {"x": "y"}
+            await delivery.ack()

@@ -6,6 +6,6 @@ Importing this package does not import confluent-kafka: the driver is loaded whe
 a bus connects.
 """
 
-from unibus_kafka.adapter import KafkaAdapter, retry_topic
+from unibus_kafka.adapter import KafkaAdapter, delay_topic, retry_topic
 
-__all__ = ["KafkaAdapter", "retry_topic"]
+__all__ = ["KafkaAdapter", "delay_topic", "retry_topic"]

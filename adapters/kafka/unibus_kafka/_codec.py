@@ -12,9 +12,13 @@
   ``unibus.id``       the message id
   ``unibus.ts``       the timestamp, integer microseconds since the epoch (UTC)
   ``unibus.attempt``  the delivery attempt this record starts at (retry lane; absent: 1)
-  ``unibus.due``      not to be delivered before this time (µs since the epoch)
-  ``unibus.topic``    the topic a retry-lane record belongs to
+  ``unibus.due``      not to be delivered before this time (µs since the epoch; lanes)
+  ``unibus.topic``    the topic a lane's record belongs to
   ==================  ==============================================================
+
+  Only a lane's records (a group's retry lane, a topic's delay lane) are read for
+  ``attempt``, ``due`` and ``topic``: a record of a subscribed topic itself is
+  delivered as it came, first attempt, whatever its headers.
 
   A user header whose name starts with ``unibus.`` is stored as ``unibus.h.<name>``
   and restored on receipt, so no user header can be mistaken for bookkeeping.
@@ -28,7 +32,7 @@ from typing import Any
 
 from unibus.message import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US, Message
 
-__all__ = ["ID_HEADER", "TS_HEADER", "decode", "decode_plain", "encode_headers", "is_plain",
+__all__ = ["ID_HEADER", "TS_HEADER", "decode", "decode_plain", "encode_headers",
            "timestamp_us"]
 
 _ID = ID_HEADER = "unibus.id"
@@ -80,31 +84,27 @@ def _int(raw: bytes | None) -> int | None:
         return None   # a foreign producer's header: ignored, never fatal
 
 
-def is_plain(raw_headers: list[tuple[str, bytes | None]] | None) -> bool:
-    """Whether a record carries exactly the id and timestamp headers, as unibus writes them.
-
-    Such a record is delivered as it came (its topic, attempt 1, no due time), so its
-    message can be decoded later, when first read (:func:`decode_plain`).
-    """
-    return (raw_headers is not None and len(raw_headers) == 2
-            and raw_headers[0][0] == _ID and raw_headers[1][0] == _TS)
-
-
 def decode_plain(record: Any) -> Message:
-    """The message of a record :func:`is_plain` accepted.
+    """The message of a record of a subscribed topic itself (not of a lane).
 
-    This runs once per received record that is read: written for speed.
+    Such a record is delivered as it came (its topic, attempt 1, never held): only
+    its message is decoded, when first read. This runs once per received record that
+    is read: a record as unibus writes it (just the id and timestamp headers) is
+    decoded without the general loop.
     """
-    (_, id_raw), (_, ts_raw) = record.headers()
-    if id_raw and ts_raw is not None and ts_raw.isdigit():
-        ts_us = int(ts_raw)
-        if ts_us <= MAX_TIMESTAMP_US:
-            key = record.key()
-            value = record.value()
-            return _message(b"" if value is None else value,
-                            id_raw.decode("utf-8", "surrogateescape"),
-                            None if key is None else key.decode("utf-8", "surrogateescape"),
-                            None, ts_us)
+    headers = record.headers()
+    if headers is not None and len(headers) == 2:
+        (id_name, id_raw), (ts_name, ts_raw) = headers
+        if (id_name == _ID and ts_name == _TS and id_raw and ts_raw is not None
+                and ts_raw.isdigit()):
+            ts_us = int(ts_raw)
+            if ts_us <= MAX_TIMESTAMP_US:
+                key = record.key()
+                value = record.value()
+                return _message(b"" if value is None else value,
+                                id_raw.decode("utf-8", "surrogateescape"),
+                                None if key is None else key.decode("utf-8", "surrogateescape"),
+                                None, ts_us)
     return decode(record)[0]
 
 

@@ -33,9 +33,7 @@ from unibus.spi import Consumer
 from unibus_kafka._codec import (
     ATTEMPT,
     DUE,
-    ID_HEADER,
     ORIGIN,
-    TS_HEADER,
     decode,
     decode_plain,
 )
@@ -93,9 +91,9 @@ class KafkaConsumer(Consumer):
     """One subscription's consumer (see the module docstring)."""
 
     def __init__(self, *, settings: Settings, producer: Producer, scrub: Scrubber,
-                 capabilities: Capabilities, topics: Sequence[str], group: str | None,
-                 retry_topics: dict[str, str], prefetch: int, dead_letter: str | None,
-                 on_close: Callable[[KafkaConsumer], None]) -> None:
+                 capabilities: Capabilities, topics: Sequence[str], lanes: Sequence[str],
+                 group: str | None, retry_topics: dict[str, str], prefetch: int,
+                 dead_letter: str | None, on_close: Callable[[KafkaConsumer], None]) -> None:
         self.capabilities = capabilities
         self._producer = producer
         self._topics = list(topics)
@@ -114,7 +112,7 @@ class KafkaConsumer(Consumer):
         self._unsettled: set[KafkaDelivery] = set()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self._poller = Poller(settings=settings, scrub=scrub, group=group,
+        self._poller = Poller(settings=settings, scrub=scrub, group=group, lanes=lanes,
                               waiting=lambda: self._waiter is not None, wake=self._wake,
                               forget_revoked=self._forget_revoked)
         self._inbox = self._poller.inbox
@@ -130,9 +128,7 @@ class KafkaConsumer(Consumer):
         Raises:
             BrokerError: The broker refused.
         """
-        await self._poller.start(self._topics, [self._retry_topics[t] for t in self._topics
-                                                if t in self._retry_topics],
-                                 self._producer)
+        await self._poller.start(self._topics, self._producer)
 
     # -- the event loop side -----------------------------------------------------
 
@@ -227,17 +223,17 @@ class KafkaConsumer(Consumer):
             end = min(len(run), pos + room)
             topic = state.topic
             fetched = state.fetched
+            plain = state.plain
             while pos < end:
                 raw = run[pos]
                 pos += 1
                 offset: int = raw.offset()
                 if tracked:
                     fetched(offset)
-                headers = raw.headers()   # is_plain, written out: this runs per record
-                if (headers is not None and len(headers) == 2 and headers[0][0] == ID_HEADER
-                        and headers[1][0] == TS_HEADER):
+                if plain:
+                    # A record of the topic itself: delivered as it came, decoded when read.
                     delivery = KafkaDelivery(raw, state, offset, topic, group, 1, self, None)
-                else:
+                else:   # a lane's record: its bookkeeping headers say when and as what
                     message, origin, attempt, due = decode(raw)
                     delivery = KafkaDelivery(raw, state, offset, origin, group, attempt, self,
                                              message, due)

@@ -24,6 +24,8 @@ class PartitionState:
     Attributes:
         topic: The topic.
         partition: The partition number.
+        plain: Whether this is a partition of a subscribed topic itself (not of a lane):
+            its records are delivered as they come, first attempt, never held.
         revoked: Set when the partition was revoked or lost; its deliveries can no
             longer be settled, and a new assignment gets a new state.
         commit_to: The offset to commit (the next one to read), or -1 for none yet.
@@ -31,11 +33,12 @@ class PartitionState:
     """
 
     __slots__ = ("_pending", "_settled", "commit_to", "committed", "fetched", "partition",
-                 "revoked", "topic")
+                 "plain", "revoked", "topic")
 
-    def __init__(self, topic: str, partition: int) -> None:
+    def __init__(self, topic: str, partition: int, *, plain: bool = True) -> None:
         self.topic = topic
         self.partition = partition
+        self.plain = plain
         self.revoked = False
         self.commit_to = -1
         self.committed = -1

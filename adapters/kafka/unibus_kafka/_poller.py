@@ -81,11 +81,12 @@ class Poller:
     """
 
     def __init__(self, *, settings: Settings, scrub: Scrubber, group: str | None,
-                 waiting: Callable[[], bool], wake: Callable[[], None],
+                 lanes: Sequence[str], waiting: Callable[[], bool], wake: Callable[[], None],
                  forget_revoked: Callable[[], None]) -> None:
         self._settings = settings
         self._scrub = scrub
         self._group = group
+        self._lanes = frozenset(lanes)
         self._waiting = waiting          # whether a fetch waits (read from the thread)
         self._wake = wake                # run on the loop: wakes a waiting fetch
         self._forget_revoked = forget_revoked
@@ -109,9 +110,11 @@ class Poller:
         self._assigned: asyncio.Future[None] = self._loop.create_future()
         self._stopped: asyncio.Future[None] = self._loop.create_future()
 
-    async def start(self, topics: Sequence[str], retry_topics: Sequence[str],
-                    producer: Producer) -> None:
+    async def start(self, topics: Sequence[str], producer: Producer) -> None:
         """Join the group (or assign every partition at its end) and start the thread.
+
+        ``topics`` are the subscribed topics; their lanes (given to the constructor)
+        are read along with them.
 
         Returns once partitions are assigned and positions fixed, so that the consumer
         receives from the moment this returns.
@@ -134,17 +137,17 @@ class Poller:
             # Fix every partition's position at the current end before returning, so
             # that this subscription sees exactly what is published from now on.
             assignment = []
-            for topic in topics:
+            for topic in [*topics, *self._lanes]:
                 for partition in await producer.partitions(topic):
                     tp = TopicPartition(topic, partition)
                     low_high = await asyncio.to_thread(self._watermarks, tp)
                     assignment.append(TopicPartition(topic, partition, low_high[1]))
-                    self._parts[(topic, partition)] = PartitionState(topic, partition)
+                    self._parts[(topic, partition)] = self._state(topic, partition)
             with map_errors("assigning partitions", self._scrub):
                 self._kc.assign(assignment)
             self._assigned.set_result(None)
         else:
-            names = [*topics, *retry_topics]
+            names = [*topics, *self._lanes]
             with map_errors(f"subscribing to {names}", self._scrub):
                 self._kc.subscribe(names, on_assign=self._on_assign,
                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -335,9 +338,12 @@ class Poller:
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         self._joined = True
         for tp in partitions:
-            self._parts[(tp.topic, tp.partition)] = PartitionState(tp.topic, tp.partition)
+            self._parts[(tp.topic, tp.partition)] = self._state(tp.topic, tp.partition)
         if not self._assigned.done():
             self._loop.call_soon_threadsafe(self._mark_assigned)
+
+    def _state(self, topic: str, partition: int) -> PartitionState:
+        return PartitionState(topic, partition, plain=topic not in self._lanes)
 
     def _mark_assigned(self) -> None:
         if not self._assigned.done():

@@ -9,7 +9,8 @@ Maps to
     is copied to the group's retry lane (topic ``unibus-retry.<hash>.<topic>.<group>``)
     with ``unibus.attempt`` and ``unibus.due`` headers, then the original is settled;
     reject → the subscription's dead-letter topic; delayed publish → the record is
-    written now with a ``unibus.due`` header and every consumer holds it until then.
+    written now to the topic's delay lane (``unibus-delay.<hash>.<topic>``) with a
+    ``unibus.due`` header, and every consumer of the topic holds it until then.
 
 URL
     ``kafka://[user:password@]host[:port][,host[:port]...][?option=value&...]`` and
@@ -49,7 +50,7 @@ Capabilities
     messages and a new group replays the topic's history; nack with emulated delay
     (retry lane); reject to the dead-letter topic; per-key order (partition) across
     competing consumers; a redelivery may reorder (the retry lane is another topic);
-    emulated delayed delivery; no dedup window; bodies up to ``message_max_bytes``
+    emulated delayed delivery (delay lane); no dedup window; bodies up to ``message_max_bytes``
     minus 32 KiB.
 """
 
@@ -67,13 +68,13 @@ from unibus.message import Message
 from unibus.options import Options
 from unibus.spi import Adapter, Consumer
 from unibus.url import URL
-from unibus_kafka._codec import DUE, timestamp_us
+from unibus_kafka._codec import DUE, ORIGIN, timestamp_us
 from unibus_kafka._consumer import KafkaConsumer
 from unibus_kafka._errors import Scrubber
 from unibus_kafka._producer import Producer
 from unibus_kafka._url import OPTIONS, parse_settings
 
-__all__ = ["KafkaAdapter", "retry_topic"]
+__all__ = ["KafkaAdapter", "delay_topic", "retry_topic"]
 
 log = logging.getLogger("unibus.kafka")
 
@@ -89,6 +90,17 @@ def retry_topic(topic: str, group: str) -> str:
     """
     digest = hashlib.sha256(f"{topic}\0{group}".encode()).hexdigest()[:10]
     return f"unibus-retry.{digest}.{topic[:100]}.{group[:100]}"
+
+
+def delay_topic(topic: str) -> str:
+    """The delay lane of ``topic``, where its delayed publishes wait: one per topic.
+
+    Apart from the topic so that a message held until its due time never stops the
+    topic's commit point, and so that a record of the topic itself needs no look at
+    its headers before it is handed out.
+    """
+    digest = hashlib.sha256(topic.encode()).hexdigest()[:10]
+    return f"unibus-delay.{digest}.{topic[:200]}"
 
 
 class KafkaAdapter(Adapter):
@@ -162,11 +174,18 @@ class KafkaAdapter(Adapter):
             PublishFailed: A message was refused or not confirmed (ids attached).
             BrokerUnavailable: The adapter is not connected.
         """
-        extra = None if not_before is None else [(DUE, str(timestamp_us(not_before)))]
-        await self._connected.publish(topic, messages, extra=extra)
+        producer = self._connected
+        if not_before is None:
+            await producer.publish(topic, messages)
+            return
+        # The topic too: its subscribers read the lane along with it.
+        lane = delay_topic(topic)
+        await producer.ensure_topics((topic, lane))
+        await producer.publish(lane, messages, extra=[(DUE, str(timestamp_us(not_before))),
+                                                      (ORIGIN, topic)])
 
     async def declare_group(self, topic: str, group: str) -> None:
-        """Create the topic and the group's retry lane.
+        """Create the topic, its delay lane and the group's retry lane.
 
         A new Kafka group starts at the beginning of its topic, so the group keeps
         everything published from now on even before its first consumer joins.
@@ -174,7 +193,7 @@ class KafkaAdapter(Adapter):
         Raises:
             BrokerError: The broker refused to create a topic.
         """
-        await self._connected.ensure_topics((topic, retry_topic(topic, group)))
+        await self._connected.ensure_topics((topic, delay_topic(topic), retry_topic(topic, group)))
 
     async def open_consumer(self, topics: Sequence[str], group: str | None, *, prefetch: int,
                             dead_letter: str | None) -> Consumer:
@@ -185,11 +204,13 @@ class KafkaAdapter(Adapter):
         """
         producer = self._connected
         retry = {t: retry_topic(t, group) for t in topics} if group is not None else {}
-        await producer.ensure_topics([*topics, *retry.values()])
+        lanes = [*(delay_topic(t) for t in topics), *retry.values()]
+        await producer.ensure_topics([*topics, *lanes])
         consumer = KafkaConsumer(
             settings=self._settings, producer=producer, scrub=self._scrub,
-            capabilities=self.capabilities, topics=topics, group=group, retry_topics=retry,
-            prefetch=prefetch, dead_letter=dead_letter, on_close=self._consumers.discard)
+            capabilities=self.capabilities, topics=topics, lanes=lanes, group=group,
+            retry_topics=retry, prefetch=prefetch, dead_letter=dead_letter,
+            on_close=self._consumers.discard)
         self._consumers.add(consumer)
         try:
             await consumer.start()
