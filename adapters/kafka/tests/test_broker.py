@@ -145,7 +145,7 @@ async def test_records_wait_in_the_driver_while_the_loop_has_no_room_and_keep_ke
             assert await sub.fetch(timeout=1.5) == []
             consumer = sub._consumer
             assert isinstance(consumer, KafkaConsumer)
-            inbox = consumer._inbox
+            inbox = consumer._poller.inbox
             taken_ahead = sum(len(records) for _, records in inbox)
             assert taken_ahead <= 5, f"{taken_ahead} records were taken with no room for them"
             received = held

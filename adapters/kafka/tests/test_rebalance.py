@@ -187,7 +187,7 @@ async def test_a_revocation_served_on_the_event_loop_commits_at_once(kafka_url: 
                     acked += 1
             consumer = sub._consumer
             assert isinstance(consumer, KafkaConsumer)
-            poller = consumer._pollers[0]   # the topic's member (the lanes have their own)
+            poller = consumer._poller
             state = poller._parts[(topic, 0)]
             with poller.driving:   # as inside the loop's drain, right after a commit
                 poller._last_commit = time.monotonic()
@@ -199,44 +199,3 @@ async def test_a_revocation_served_on_the_event_loop_commits_at_once(kafka_url: 
             [first] = await again.fetch(1, timeout=30)
             assert first.body == b"marker"
             await first.ack()
-
-
-async def test_a_member_that_joins_shares_the_topic_not_just_its_lanes(kafka_url: str) -> None:
-    """The group's assignor balances the topic's partitions over its members on their
-    own. With one driver member reading the topic and its lanes together,
-    cooperative-sticky gave a second member all of the topic and left the first with
-    nothing but the (quiet) lanes."""
-    from unibus_kafka._consumer import KafkaConsumer
-
-    topic, group = f"rb-{uuid.uuid4().hex[:12]}", f"rb-{uuid.uuid4().hex[:12]}"
-
-    def owned(sub: unibus.Subscription) -> set[int]:
-        consumer = sub._consumer
-        assert isinstance(consumer, KafkaConsumer)
-        return {p for poller in consumer._pollers for (t, p) in poller._parts if t == topic}
-
-    async with unibus.connect(f"{kafka_url}&partitions=4") as bus:
-        await bus.declare_group(topic, group)
-        async with bus.subscribe(topic, group=group) as first:
-            assert len(owned(first)) == 4
-            async with bus.subscribe(topic, group=group) as second:
-                deadline = time.monotonic() + 30
-                # Fetching serves the rebalance (the thread waits on the driver meanwhile).
-                while not (owned(second) and len(owned(first) | owned(second)) == 4):
-                    assert time.monotonic() < deadline, (owned(first), owned(second))
-                    await first.fetch(timeout=0.05)
-                    await second.fetch(timeout=0.05)
-                sent = await bus.publish_many(topic, [unibus.Message(b"x", key=f"k{i}")
-                                                      for i in range(200)])
-                got: dict[str, list[str]] = {"first": [], "second": []}
-                while sum(map(len, got.values())) < len(sent):
-                    assert time.monotonic() < deadline + 30
-                    for name, sub in (("first", first), ("second", second)):
-                        for delivery in await sub.fetch(timeout=0.05):
-                            got[name].append(delivery.id)
-                            await delivery.ack()
-                print(f"\nshared: first owns {sorted(owned(first))}, got {len(got['first'])}; "
-                      f"second owns {sorted(owned(second))}, got {len(got['second'])}")
-    assert got["first"], "the first member received none of the topic"
-    assert got["second"], "the second member received none of the topic"
-    assert sorted(got["first"] + got["second"]) == sorted(m.id for m in sent)

@@ -1,8 +1,7 @@
 """The event-loop side of a subscription: fetch, hold, settle (the SPI ``Consumer``).
 
-:class:`~unibus_kafka._poller.Poller` s own the driver consumers (in a group, one
-member for the topics and one for their lanes) and append runs of raw records, each
-run bound to its partition's state, to the subscription's inbox. Here,
+A :class:`~unibus_kafka._poller.Poller` thread owns the driver consumer and appends
+runs of raw records, each run bound to its partition's state, to its inbox. Here,
 on the event loop, ``fetch`` turns them into deliveries, hands out at most
 ``prefetch`` unsettled ones, and holds records whose due time has not come (delayed publish,
 ``nack(delay)``) until then on the wall clock — never early, and uncommitted while
@@ -11,10 +10,9 @@ commit point (:class:`~unibus_kafka._offsets.PartitionState`), which the thread
 commits. ``nack`` copies the message to the group's retry lane before settling it;
 ``reject`` publishes it to the dead-letter topic first when one is configured.
 
-The hot path does the least Python work per record it can: a record of a
-subscribed topic itself becomes a :class:`KafkaDelivery` from its offset alone (only
-lanes' records are read for bookkeeping headers) and decodes its message only when
-it is read, and settles with two set and deque
+The hot path does the least Python work per record it can: a record as unibus
+writes it (just the id and timestamp headers) becomes a :class:`KafkaDelivery`
+that decodes its message only when it is read, and settles with two set and deque
 operations; no task, no coroutine and no thread hop per record.
 """
 
@@ -98,6 +96,7 @@ class KafkaConsumer(Consumer):
                  dead_letter: str | None, on_close: Callable[[KafkaConsumer], None]) -> None:
         self.capabilities = capabilities
         self._producer = producer
+        self._topics = list(topics)
         self._group = group
         self._retry_topics = retry_topics          # origin topic → its retry lane
         self._prefetch = prefetch
@@ -113,19 +112,10 @@ class KafkaConsumer(Consumer):
         self._unsettled: set[KafkaDelivery] = set()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self._inbox: deque[tuple[PartitionState, list[Any]]] = deque()
-
-        def poller(topics: Sequence[str], lanes: Sequence[str]) -> Poller:
-            return Poller(settings=settings, scrub=scrub, group=group, topics=topics,
-                          lanes=lanes, inbox=self._inbox,
-                          waiting=lambda: self._waiter is not None, wake=self._wake,
-                          forget_revoked=self._forget_revoked)
-
-        # A group reads its topics and their lanes through two members, so that the
-        # group's assignor balances each on its own: with one member for both, a
-        # member could be left with nothing but the (quiet) lanes.
-        self._pollers = ([poller(topics, lanes)] if group is None or not lanes
-                         else [poller(topics, ()), poller((), lanes)])
+        self._poller = Poller(settings=settings, scrub=scrub, group=group, lanes=lanes,
+                              waiting=lambda: self._waiter is not None, wake=self._wake,
+                              forget_revoked=self._forget_revoked)
+        self._inbox = self._poller.inbox
         # The run of records being handed out: its partition's state, the records,
         # and the position of the next one.
         self._run_state: PartitionState | None = None
@@ -138,7 +128,7 @@ class KafkaConsumer(Consumer):
         Raises:
             BrokerError: The broker refused.
         """
-        await asyncio.gather(*(poller.start(self._producer) for poller in self._pollers))
+        await self._poller.start(self._topics, self._producer)
 
     # -- the event loop side -----------------------------------------------------
 
@@ -166,9 +156,8 @@ class KafkaConsumer(Consumer):
         loop = self._loop
         deadline = None if timeout is None else loop.time() + timeout
         while not self._closed:
-            for poller in self._pollers:
-                if poller.failure is not None:
-                    raise poller.failure
+            if self._poller.failure is not None:
+                raise self._poller.failure
             out = self._take(max_count)
             if out:
                 return cast("list[Delivery]", out)   # a list of this adapter's deliveries
@@ -181,8 +170,7 @@ class KafkaConsumer(Consumer):
                     self._waiter = None   # a batch landed while this waiter was not visible
                     continue
                 # The thread waits for records on the driver, as many as there is room for.
-                for poller in self._pollers:
-                    poller.want(self._prefetch - len(self._unsettled))
+                self._poller.want(self._prefetch - len(self._unsettled))
             try:
                 if remaining is None:
                     await waiter
@@ -192,8 +180,7 @@ class KafkaConsumer(Consumer):
                 return []
             finally:
                 self._waiter = None
-                for poller in self._pollers:
-                    poller.hungry = False
+                self._poller.hungry = False
         return []
 
     def _take(self, max_count: int) -> list[KafkaDelivery]:
@@ -214,8 +201,8 @@ class KafkaConsumer(Consumer):
             room -= 1
         group = self._group
         tracked = group is not None
-        pollers = self._pollers
-        revocations = self._revocations()
+        poller = self._poller
+        revocations = poller.revocations
         run, pos, state = self._run, self._pos, self._run_state
         now = 0.0
         inbox = self._inbox
@@ -226,8 +213,7 @@ class KafkaConsumer(Consumer):
                 if not inbox and not drained:
                     # Take what the driver has, on the loop, as much as there is room for.
                     drained = True
-                    for poller in pollers:
-                        poller.drain(room)
+                    poller.drain(room)
                 if not inbox:
                     run, pos, state = _NO_RECORDS, 0, None
                     break
@@ -260,14 +246,11 @@ class KafkaConsumer(Consumer):
                 out.append(delivery)
                 room -= 1
         self._run, self._pos, self._run_state = run, pos, state
-        if self._revocations() != revocations:
+        if poller.revocations != revocations:
             # The drain served a revocation: what this fetch took of those partitions
             # is the next owner's now (_forget_revoked, scheduled, cleans up the rest).
             out = [d for d in out if not d.state.revoked]
         return out
-
-    def _revocations(self) -> int:
-        return sum(poller.revocations for poller in self._pollers)
 
     def _hold(self, delivery: KafkaDelivery) -> None:
         """Keep ``delivery`` (uncommitted) until its due time on the wall clock."""
@@ -382,4 +365,4 @@ class KafkaConsumer(Consumer):
             self._timer.cancel()
         self._wake()
         self._on_close(self)
-        await asyncio.gather(*(poller.stop() for poller in self._pollers))
+        await self._poller.stop()

@@ -1,16 +1,12 @@
 """The driver's consumer, and the thread that waits on it while the event loop cannot.
 
-One confluent-kafka consumer per poller: a subscription without a group has one (its
-topics and their delay lanes); one in a group has two members of the group, one for
-its topics and one for their lanes, so that the group's assignor balances each on its
-own. Whoever holds :attr:`Poller.driving`
+One confluent-kafka consumer per subscription. Whoever holds :attr:`Poller.driving`
 calls it: the event loop itself while it is busy (``drain`` takes exactly the
 records it has room for, without waiting, one driver call per fetch), and the
 helper thread while the loop waits for records (``poll`` blocks there, never on the
 loop). Records are split into runs of one partition, each bound to that
 partition's bookkeeping (:class:`~unibus_kafka._offsets.PartitionState`), and
-appended to :attr:`Poller.inbox` (shared by a subscription's pollers) in the order
-the driver gave them; the lock keeps
+appended to :attr:`Poller.inbox` in the order the driver gave them; the lock keeps
 that order whichever side took them. While the loop has no room, nobody takes
 records: they stay in librdkafka's bounded queue (pausing partitions would purge it
 and refetch), and the thread serves the driver every ``_SERVE`` seconds so that the
@@ -85,20 +81,17 @@ class Poller:
     """
 
     def __init__(self, *, settings: Settings, scrub: Scrubber, group: str | None,
-                 topics: Sequence[str], lanes: Sequence[str],
-                 inbox: deque[tuple[PartitionState, list[Any]]],
-                 waiting: Callable[[], bool], wake: Callable[[], None],
+                 lanes: Sequence[str], waiting: Callable[[], bool], wake: Callable[[], None],
                  forget_revoked: Callable[[], None]) -> None:
         self._settings = settings
         self._scrub = scrub
         self._group = group
-        self._topics = [*topics, *lanes]
         self._lanes = frozenset(lanes)
         self._waiting = waiting          # whether a fetch waits (read from the thread)
         self._wake = wake                # run on the loop: wakes a waiting fetch
         self._forget_revoked = forget_revoked
         self._loop = asyncio.get_running_loop()
-        self.inbox = inbox
+        self.inbox: deque[tuple[PartitionState, list[Any]]] = deque()
         self.driving = threading.Lock()
         self.hungry = False
         self.revocations = 0
@@ -117,8 +110,11 @@ class Poller:
         self._assigned: asyncio.Future[None] = self._loop.create_future()
         self._stopped: asyncio.Future[None] = self._loop.create_future()
 
-    async def start(self, producer: Producer) -> None:
+    async def start(self, topics: Sequence[str], producer: Producer) -> None:
         """Join the group (or assign every partition at its end) and start the thread.
+
+        ``topics`` are the subscribed topics; their lanes (given to the constructor)
+        are read along with them.
 
         Returns once partitions are assigned and positions fixed, so that the consumer
         receives from the moment this returns.
@@ -141,7 +137,7 @@ class Poller:
             # Fix every partition's position at the current end before returning, so
             # that this subscription sees exactly what is published from now on.
             assignment = []
-            for topic in self._topics:
+            for topic in [*topics, *self._lanes]:
                 for partition in await producer.partitions(topic):
                     tp = TopicPartition(topic, partition)
                     low_high = await asyncio.to_thread(self._watermarks, tp)
@@ -151,7 +147,7 @@ class Poller:
                 self._kc.assign(assignment)
             self._assigned.set_result(None)
         else:
-            names = self._topics
+            names = [*topics, *self._lanes]
             with map_errors(f"subscribing to {names}", self._scrub):
                 self._kc.subscribe(names, on_assign=self._on_assign,
                                    on_revoke=self._on_revoke, on_lost=self._on_lost)

@@ -42,10 +42,8 @@ URL
 
 Driver
     confluent-kafka (librdkafka), blocking: one producer with a poll thread per adapter,
-    one consumer with its own thread per subscription (two in a group: one member for
-    the topics, one for their lanes, so that each is balanced on its own); the event
-    loop takes records from them itself while it has room. Classic group protocol by
-    default.
+    one consumer with its own thread per subscription; batches cross to the event loop
+    with one ``call_soon_threadsafe`` each. Classic group protocol by default.
 
 Capabilities
     Persistent; publish confirmed (``acks=all``, idempotent producer); groups retain
