@@ -238,3 +238,15 @@ async def test_a_record_of_the_topic_itself_is_never_held_whatever_its_headers(
             assert (delivery.id, delivery.body, delivery.attempt) == ("f-1", b"foreign", 1)
             assert dict(delivery.headers) == {"x": "y"}
             await delivery.ack()
+
+
+async def test_a_subscription_without_a_group_gets_delayed_publishes_from_the_delay_lane(
+        kafka_url: str) -> None:
+    topic = fresh("t")
+    async with unibus.connect(kafka_url) as bus, bus.subscribe(topic) as sub:
+        published = time.time()
+        sent = await bus.publish(topic, b"later", delay=0.5)
+        [delivery] = await sub.fetch(1, timeout=10)
+        assert time.time() - published >= 0.5
+        assert (delivery.id, delivery.topic, delivery.attempt) == (sent.id, topic, 1)
+        await delivery.ack()
