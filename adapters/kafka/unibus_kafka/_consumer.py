@@ -10,10 +10,11 @@ commit point (:class:`~unibus_kafka._offsets.PartitionState`), which the thread
 commits. ``nack`` copies the message to the group's retry lane before settling it;
 ``reject`` publishes it to the dead-letter topic first when one is configured.
 
-The hot path does the least Python work per record it can: a record as unibus
-writes it (just the id and timestamp headers) becomes a :class:`KafkaDelivery`
-that decodes its message only when it is read, and settles with two set and deque
-operations; no task, no coroutine and no thread hop per record.
+The hot path does the least Python work per record it can: a record of a
+subscribed topic itself becomes a :class:`KafkaDelivery` from its offset alone (only
+the lanes' records are read for bookkeeping headers: delayed publishes wait in the
+topic's delay lane) and decodes its message only when it is read; it settles with
+two set and deque operations; no task, no coroutine and no thread hop per record.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ _NO_RECORDS: list[Any] = []
 class KafkaDelivery(Delivery):
     """A delivery bound to its record and its partition's bookkeeping.
 
-    A record as unibus writes it (id and timestamp headers only) is handed out
-    without decoding: its message is built when first read, and its ``body`` read
-    without building the message at all.
+    A record of a subscribed topic itself is handed out without decoding: its
+    message is built when first read, and its ``body`` read without building the
+    message at all. A lane's record comes decoded (its headers decide when and as
+    which attempt it is delivered).
 
     Attributes:
         token: The driver's record.
