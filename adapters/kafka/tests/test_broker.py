@@ -9,10 +9,13 @@ import uuid
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 import unibus
 from unibus.errors import BrokerUnavailable, DeliveryLost, PublishFailed, UnibusError
+from unibus.url import make_url
 from unibus_kafka._consumer import KafkaConsumer
+from unibus_kafka._url import parse_settings
 
 pytestmark = pytest.mark.broker
 
@@ -178,15 +181,14 @@ async def test_a_prefetch_beyond_the_drivers_batch_limit_still_fetches(kafka_url
     assert sorted(d.id for d in received) == sorted(m.id for m in sent)
 
 
+def bootstrap(kafka_url: str) -> str:
+    """The bootstrap list of ``kafka_url``, for a raw confluent-kafka client."""
+    return parse_settings(make_url(kafka_url)).bootstrap
+
+
 def committed_count(kafka_url: str, topic: str, group: str) -> int:
     """The sum of the group's committed offsets over the topic's partitions."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    from unibus.url import make_url
-    from unibus_kafka._url import parse_settings
-
-    bootstrap = parse_settings(make_url(kafka_url)).bootstrap
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    reader = Consumer({"bootstrap.servers": bootstrap(kafka_url), "group.id": group})
     try:
         partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
         offsets = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
@@ -220,16 +222,11 @@ async def test_a_record_of_the_topic_itself_is_never_held_whatever_its_headers(
         kafka_url: str) -> None:
     """Only a lane's records are read for bookkeeping: a foreign record in the topic
     carrying ``unibus.due`` and ``unibus.attempt`` comes at once, first attempt."""
-    from confluent_kafka import Producer
-
-    from unibus.url import make_url
-    from unibus_kafka._url import parse_settings
-
     topic, group = fresh("t"), fresh("g")
     far = b"%d" % ((time.time() + 3600) * 1_000_000)
     async with unibus.connect(kafka_url) as bus:
         await bus.declare_group(topic, group)
-        producer = Producer({"bootstrap.servers": parse_settings(make_url(kafka_url)).bootstrap})
+        producer = Producer({"bootstrap.servers": bootstrap(kafka_url)})
         producer.produce(topic, b"foreign", headers=[("unibus.id", b"f-1"), ("unibus.due", far),
                                                      ("unibus.attempt", b"7"), ("x", b"y")])
         assert producer.flush(10) == 0

@@ -187,7 +187,7 @@ class KafkaConsumer(Consumer):
 
     def _take(self, max_count: int) -> list[KafkaDelivery]:
         # This runs once per fetched batch and loops once per record: it is written for
-        # speed. A record as unibus writes it becomes a delivery without decoding.
+        # speed. A record of a subscribed topic becomes a delivery without decoding.
         unsettled = self._unsettled
         room = min(max_count, self._prefetch - len(unsettled))
         if room <= 0:

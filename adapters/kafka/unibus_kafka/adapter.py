@@ -82,14 +82,20 @@ log = logging.getLogger("unibus.kafka")
 _KIP848_SESSION_TIMEOUT = 45.0
 
 
-def retry_topic(topic: str, group: str) -> str:
-    """The retry lane of ``group`` on ``topic``: one topic per (topic, group).
+def _lane(kind: str, *names: str) -> str:
+    """``unibus-<kind>.<hash>.<names...>``: a lane's topic name.
 
-    The hash keeps names apart that the dots would make ambiguous, and the name
-    within Kafka's 249 characters.
+    The hash of the names keeps names apart that the dots would make ambiguous; the
+    names share 200 characters, keeping the topic within Kafka's 249.
     """
-    digest = hashlib.sha256(f"{topic}\0{group}".encode()).hexdigest()[:10]
-    return f"unibus-retry.{digest}.{topic[:100]}.{group[:100]}"
+    digest = hashlib.sha256("\0".join(names).encode()).hexdigest()[:10]
+    keep = 200 // len(names)
+    return ".".join([f"unibus-{kind}", digest, *(name[:keep] for name in names)])
+
+
+def retry_topic(topic: str, group: str) -> str:
+    """The retry lane of ``group`` on ``topic``: one topic per (topic, group)."""
+    return _lane("retry", topic, group)
 
 
 def delay_topic(topic: str) -> str:
@@ -99,8 +105,7 @@ def delay_topic(topic: str) -> str:
     topic's commit point, and so that a record of the topic itself needs no look at
     its headers before it is handed out.
     """
-    digest = hashlib.sha256(topic.encode()).hexdigest()[:10]
-    return f"unibus-delay.{digest}.{topic[:200]}"
+    return _lane("delay", topic)
 
 
 class KafkaAdapter(Adapter):
