@@ -22,12 +22,15 @@ confluent-kafka first, then unibus, in one run:
 2. consume: the N retained messages read by a new group and acked/committed (raw:
    ``consume`` batches on a thread, commit of the last offsets every 0.2 s and at
    the end; unibus: ``Subscription.fetch`` + ``Delivery.ack``), each side reading
-   every body;
+   every body, from subscribing to the last commit (unibus's group is declared
+   before the clock starts, as applications declare theirs: that creates its retry
+   lane, a topic raw has no use for);
 3. raw again with the two headers every unibus record carries (id and timestamp,
    made before its clock starts), published and consumed (headers read): the
    ``vs raw +hdr`` rows compare unibus with that;
 4. end to end: a publisher and a consumer running together, from the first
-   publish to the last ack.
+   publish to the last ack; the consumer has its partitions before the clock starts
+   (unibus's ``subscribe`` returns then; raw waits for ``on_assign``).
 
 Prints msgs/s for each side and the ratio unibus / raw.
 """
@@ -110,13 +113,19 @@ class Raw:
 
     def consume(self, topic: str, count: int, started: threading.Event | None = None,
                 read_headers: bool = False) -> None:
-        """Read (the value, and the headers when asked) and commit ``count`` records."""
+        """Read (the value, and the headers when asked) and commit ``count`` records.
+
+        ``started`` is set once the group has given this consumer its partitions.
+        """
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": fresh("raw"),
                              "enable.auto.commit": False, "auto.offset.reset": "earliest",
                              "partition.assignment.strategy": "cooperative-sticky"})
-        consumer.subscribe([topic])
-        if started is not None:
-            started.set()
+
+        def assigned(_consumer: Any, _partitions: Any) -> None:
+            if started is not None:
+                started.set()
+
+        consumer.subscribe([topic], on_assign=assigned)
         seen = 0
         last: dict[tuple[str, int], int] = {}
         next_commit = time.monotonic() + 0.2
@@ -219,8 +228,12 @@ async def run(config: Config) -> None:
         start = time.perf_counter()
         await asyncio.to_thread(raw.consume, raw_topic, n)
         raw_con = rate(n, time.perf_counter() - start)
+        # Declared as an application declares its groups, before the clock: that
+        # creates the group's retry lane (a topic); raw has no lane to create.
+        group = fresh("ubg")
+        await bus.declare_group(ub_topic, group)
         start = time.perf_counter()
-        await ub.consume(bus, ub_topic, fresh("ubg"), n)
+        await ub.consume(bus, ub_topic, group, n)
         ub_con = rate(n, time.perf_counter() - start)
         results.append(("consume retained (manual commits)", raw_con, ub_con))
 
@@ -241,17 +254,21 @@ async def run(config: Config) -> None:
         raw_topic, ub_topic = fresh("raw2"), fresh("ub2")
         for topic in (raw_topic, ub_topic):
             await bus.adapter.declare_group(topic, "unused")
+        # Both clocks start at the first publish, once the consumer has its partitions
+        # (unibus's subscribe returns then; raw's on_assign says so).
         started = threading.Event()
-        start = time.perf_counter()
         consumer = asyncio.create_task(asyncio.to_thread(raw.consume, raw_topic, n, started))
         await asyncio.to_thread(started.wait)
+        start = time.perf_counter()
         await asyncio.to_thread(raw.publish, producer, raw_topic, body)
         await consumer
         raw_e2e = rate(n, time.perf_counter() - start)
         ready = asyncio.Event()
-        start = time.perf_counter()
-        ub_consumer = asyncio.create_task(ub.consume(bus, ub_topic, fresh("ubg2"), n, ready))
+        group = fresh("ubg2")
+        await bus.declare_group(ub_topic, group)
+        ub_consumer = asyncio.create_task(ub.consume(bus, ub_topic, group, n, ready))
         await ready.wait()
+        start = time.perf_counter()
         await ub.publish(bus, ub_topic, body)
         await ub_consumer
         ub_e2e = rate(n, time.perf_counter() - start)

@@ -88,33 +88,89 @@ def test_secrets_are_scrubbed_from_driver_texts_and_log_lines(
 # -- offsets ---------------------------------------------------------------------------
 
 
+def settle(state: PartitionState, offset: int) -> None:
+    """Log a settlement and fold it in at once (as a commit does)."""
+    state.settled(offset)
+    state.advance()
+
+
 def test_commit_advances_only_over_the_contiguous_settled_prefix() -> None:
     state = PartitionState("t", 0)
     for offset in (10, 11, 12, 15, 16):   # gaps: compaction or transaction markers
         state.fetched(offset)
-    state.settle(12)
-    state.settle(15)
+    settle(state, 12)
+    settle(state, 15)
     assert state.commit_to == -1
-    state.settle(10)
+    settle(state, 10)
     assert state.commit_to == 11
-    state.settle(11)
+    settle(state, 11)
     assert state.commit_to == 16          # 10, 11, 12 and 15 settled; 16 is next
     assert state.unsettled == 1
-    state.settle(16)
+    settle(state, 16)
     assert state.commit_to == 17
     assert state.unsettled == 0
+
+
+def test_settlements_are_folded_into_the_commit_point_by_advance() -> None:
+    # The event loop only logs a settlement; whoever commits folds the log in first.
+    state = PartitionState("t", 0)
+    for offset in range(5):
+        state.fetched(offset)
+    state.settled(0)
+    state.settled(1)
+    assert state.commit_to == -1
+    state.advance()
+    assert state.commit_to == 2
+    assert state.unsettled == 3
+
+
+def test_advance_handles_settlements_out_of_order_across_calls() -> None:
+    state = PartitionState("t", 0)
+    for offset in (3, 4, 5, 7, 8):        # 6 is a gap (a transaction marker)
+        state.fetched(offset)
+    for offset in (5, 4):
+        state.settled(offset)
+    state.advance()
+    assert state.commit_to == -1          # 3 is not settled
+    assert state.unsettled == 3
+    state.settled(8)
+    state.settled(3)
+    state.advance()
+    assert state.commit_to == 6           # 3, 4, 5 settled; 7 is not
+    state.settled(7)
+    state.advance()
+    assert state.commit_to == 9
+    assert state.unsettled == 0
+
+
+def test_advance_drops_what_is_behind_the_commit_point_from_its_log() -> None:
+    state = PartitionState("t", 0)
+    total = 12_010
+    for offset in range(total):
+        state.fetched(offset)
+        if offset % 1000 == 999:
+            for settled in range(offset - 999, offset + 1):
+                state.settled(settled)
+            state.advance()
+    assert state.commit_to == total - 10
+    assert state.unsettled == 10
+    assert len(state._log) < 4096 + 10   # the settled front was dropped
+    for offset in range(total - 10, total):
+        state.settled(offset)
+    state.advance()
+    assert state.commit_to == total
 
 
 def test_dirty_tracks_what_was_sent_in_a_commit() -> None:
     state = PartitionState("t", 3)
     state.fetched(0)
     seen = [state.dirty]
-    state.settle(0)
+    settle(state, 0)
     seen.append(state.dirty)
     state.committed = state.commit_to
     seen.append(state.dirty)
     assert seen == [False, True, False]
-    state.settle(0)                       # a stale duplicate changes nothing
+    settle(state, 0)                       # a stale duplicate changes nothing
     assert state.commit_to == 1
 
 

@@ -1,20 +1,23 @@
 """The event-loop side of a subscription: fetch, hold, settle (the SPI ``Consumer``).
 
-A :class:`~unibus_kafka._poller.Poller` thread owns the driver consumer and appends
-runs of raw records, each run bound to its partition's state, to its inbox. Here,
-on the event loop, ``fetch`` turns them into deliveries, hands out at most
-``prefetch`` unsettled ones, and holds records whose due time has not come (delayed publish,
-``nack(delay)``) until then on the wall clock — never early, and uncommitted while
-held, so they survive a restart. Settling advances the partition's contiguous
-commit point (:class:`~unibus_kafka._offsets.PartitionState`), which the thread
-commits. ``nack`` copies the message to the group's retry lane before settling it;
-``reject`` publishes it to the dead-letter topic first when one is configured.
+A :class:`~unibus_kafka._poller.Poller` owns the driver consumer and appends batches
+of raw records, each with its partitions' states as of when it was taken, to its
+inbox. Here, on the event loop, ``fetch`` turns them into deliveries, hands out at
+most ``prefetch`` unsettled ones, and holds records whose due time has not come
+(delayed publish, ``nack(delay)``) until then on the wall clock — never early, and
+uncommitted while held, so they survive a restart. Settling logs the offset in its
+partition's state (:class:`~unibus_kafka._offsets.PartitionState`); whoever commits
+folds the log into the contiguous commit point first. ``nack`` copies the message
+to the group's retry lane before settling it; ``reject`` publishes it to the
+dead-letter topic first when one is configured.
 
-The hot path does the least Python work per record it can: a record of a
-subscribed topic itself becomes a :class:`KafkaDelivery` from its offset alone (only
-the lanes' records are read for bookkeeping headers: delayed publishes wait in the
-topic's delay lane) and decodes its message only when it is read; it settles with
-two set and deque operations; no task, no coroutine and no thread hop per record.
+The hot path does the least Python work per record it can: one loop per record
+splits a batch by partition as it goes; a record of a subscribed topic itself
+becomes a :class:`KafkaDelivery` from its offset alone (only the lanes' records are
+read for bookkeeping headers: delayed publishes wait in the topic's delay lane) and
+decodes its message only when it is read; ``KafkaDelivery.ack`` settles in one
+coroutine with a set removal and a list append; no task and no thread hop per
+record.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
 from unibus.capabilities import Capabilities
 from unibus.errors import DeliveryLost
-from unibus.message import Delivery, Message
+from unibus.message import Delivery, Message, Outcome
 from unibus.spi import Consumer
 from unibus_kafka._codec import (
     ATTEMPT,
@@ -49,6 +53,12 @@ if TYPE_CHECKING:
 __all__ = ["KafkaConsumer", "KafkaDelivery"]
 
 _NO_RECORDS: list[Any] = []
+_NO_PARTS: Mapping[tuple[str, int], PartitionState] = MappingProxyType({})
+_ACK = Outcome.ACK   # read once: a member looked up on its enum costs ~75 ns (3.11)
+
+
+def _ignore(offset: int) -> None:
+    """An ephemeral subscription commits nothing: it does not log fetched offsets."""
 
 
 class KafkaDelivery(Delivery):
@@ -71,7 +81,14 @@ class KafkaDelivery(Delivery):
     def __init__(self, record: Any, state: PartitionState, offset: int, topic: str,
                  group: str | None, attempt: int, consumer: KafkaConsumer,
                  message: Message | None, due: float = 0.0) -> None:
-        self._setup(message, topic, group, attempt, consumer, record)
+        # Delivery._setup, written out: this runs once per record.
+        self._message = message
+        self.topic = topic
+        self.group = group
+        self.attempt = attempt
+        self.token = record
+        self.outcome = None
+        self._consumer = consumer
         self.state = state
         self.offset = offset
         self.due = due
@@ -87,6 +104,21 @@ class KafkaDelivery(Delivery):
             return message.body
         value: bytes | None = self.token.value()
         return b"" if value is None else value
+
+    async def ack(self) -> None:
+        """Confirm the message (see :meth:`unibus.Delivery.ack`).
+
+        Settled here, without the consumer's own coroutine: this runs once per record.
+
+        Raises:
+            AlreadySettled: The delivery was settled before.
+            DeliveryLost: The partition was revoked or the consumer closed.
+        """
+        if self.outcome is None:
+            self.outcome = _ACK
+        else:
+            self._settle(_ACK)   # raises AlreadySettled
+        self._consumer.settle_ack(self)  # type: ignore[attr-defined]  # a KafkaConsumer
 
 
 class KafkaConsumer(Consumer):
@@ -118,11 +150,11 @@ class KafkaConsumer(Consumer):
                               waiting=lambda: self._waiter is not None, wake=self._wake,
                               forget_revoked=self._forget_revoked)
         self._inbox = self._poller.inbox
-        # The run of records being handed out: its partition's state, the records,
-        # and the position of the next one.
-        self._run_state: PartitionState | None = None
+        # The batch of records being handed out, the position of the next one, and
+        # the partitions' states when the batch was taken from the driver.
         self._run: list[Any] = _NO_RECORDS
         self._pos = 0
+        self._run_parts: Mapping[tuple[str, int], PartitionState] = _NO_PARTS
 
     async def start(self) -> None:
         """Join the group (or assign every partition at its end); see ``Poller.start``.
@@ -205,33 +237,56 @@ class KafkaConsumer(Consumer):
         tracked = group is not None
         poller = self._poller
         revocations = poller.revocations
-        run, pos, state = self._run, self._pos, self._run_state
+        run, pos, parts = self._run, self._pos, self._run_parts
         now = 0.0
         inbox = self._inbox
         drained = False
+        # The partition of the record before, and its state: None when unknown, no
+        # longer owned, or revoked (its records are dropped).
+        last_topic: str | None = None
+        last_partition = -1
+        state: PartitionState | None = None
+        topic = ""
+        fetched: Callable[[int], None] = _ignore
+        plain = True
         while room > 0:
-            if pos >= len(run) or state is None or state.revoked:
-                # The run is done (or its partition revoked: its rest is dropped).
+            if pos >= len(run):
                 if not inbox and not drained:
                     # Take what the driver has, on the loop, as much as there is room for.
+                    # The batch before is let go of first: its records (those already
+                    # settled) die before the driver makes the next ones, rather than
+                    # being live, and promoted by a garbage collection, while it does.
+                    run = self._run = _NO_RECORDS
                     drained = True
                     poller.drain(room)
                 if not inbox:
-                    run, pos, state = _NO_RECORDS, 0, None
+                    run, pos, parts = _NO_RECORDS, 0, _NO_PARTS
                     break
-                state, run = inbox.popleft()
+                parts, run = inbox.popleft()
                 pos = 0
+                last_topic, last_partition = None, -1
                 continue
             end = min(len(run), pos + room)
-            topic = state.topic
-            fetched = state.fetched
-            plain = state.plain
             while pos < end:
                 raw = run[pos]
                 pos += 1
+                if raw.error() is not None:   # an event, not a record
+                    poller.on_error(raw.error())
+                    continue
+                partition = raw.partition()
+                name = raw.topic()
+                if partition != last_partition or name != last_topic:
+                    last_topic, last_partition = name, partition
+                    state = parts.get((name, partition))
+                    if state is None or state.revoked:
+                        state = None   # its records die with the assignment they came in
+                        continue
+                    topic, plain = state.topic, state.plain
+                    fetched = state.fetched if tracked else _ignore
+                elif state is None:
+                    continue
                 offset: int = raw.offset()
-                if tracked:
-                    fetched(offset)
+                fetched(offset)
                 if plain:
                     # A record of the topic itself: delivered as it came, decoded when read.
                     delivery = KafkaDelivery(raw, state, offset, topic, group, 1, self, None)
@@ -247,7 +302,7 @@ class KafkaConsumer(Consumer):
                 unsettled.add(delivery)
                 out.append(delivery)
                 room -= 1
-        self._run, self._pos, self._run_state = run, pos, state
+        self._run, self._pos, self._run_parts = run, pos, parts
         if poller.revocations != revocations:
             # The drain served a revocation: what this fetch took of those partitions
             # is the next owner's now (_forget_revoked, scheduled, cleans up the rest).
@@ -292,7 +347,7 @@ class KafkaConsumer(Consumer):
     def _settle(self, delivery: KafkaDelivery) -> None:
         state = delivery.state
         if self._group is not None and not state.revoked:
-            state.settle(delivery.offset)
+            state.settled(delivery.offset)
         if self._waiter is not None:
             self._wake()
 
@@ -302,19 +357,26 @@ class KafkaConsumer(Consumer):
         Raises:
             DeliveryLost: The partition was revoked or the consumer closed.
         """
+        self.settle_ack(cast(KafkaDelivery, delivery))   # only this consumer's deliveries
+
+    def settle_ack(self, delivery: KafkaDelivery) -> None:
+        """What ``ack`` does, synchronously (:meth:`KafkaDelivery.ack` calls it).
+
+        Raises:
+            DeliveryLost: The partition was revoked or the consumer closed.
+        """
         # _settle(_release(delivery)), written out: this runs once per delivery.
-        held = cast(KafkaDelivery, delivery)   # only this consumer's deliveries get here
         try:
-            self._unsettled.remove(held)
+            self._unsettled.remove(delivery)
         except KeyError:
             self._release(delivery)   # raises DeliveryLost
-        state = held.state
+        state = delivery.state
         if state.revoked:
             # Taken away before this settlement: not committed here, the partition's
             # next owner gets the message.
             self._release(delivery)   # no longer unsettled: raises DeliveryLost
         if self._group is not None:
-            state.settle(held.offset)
+            state.settled(delivery.offset)
         if self._waiter is not None:
             self._wake()
 
@@ -362,7 +424,7 @@ class KafkaConsumer(Consumer):
         self._unsettled.clear()
         self._ready.clear()
         self._held.clear()
-        self._run, self._pos, self._run_state = _NO_RECORDS, 0, None
+        self._run, self._pos, self._run_parts = _NO_RECORDS, 0, _NO_PARTS
         if self._timer is not None:
             self._timer.cancel()
         self._wake()

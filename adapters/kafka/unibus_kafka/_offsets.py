@@ -2,20 +2,29 @@
 
 Kafka remembers one position per partition and group, so a message may only be
 "committed" once it and every message before it in its partition is settled.
-Each assigned partition has a :class:`PartitionState`: the offsets fetched and not
-yet settled, in order, the offsets settled ahead of a gap, and the next offset to
-commit. The event loop records fetches and settlements and so advances
-``commit_to``; whoever drives the consumer (see :mod:`unibus_kafka._poller`) reads
-``commit_to`` for its commits and writes ``committed`` and ``revoked`` (a flag set
-once, when the partition is taken away).
+Each assigned partition has a :class:`PartitionState`. The event loop appends to
+two logs, with a list's own ``append`` and no Python frame per record: the offsets
+handed out (``fetched``) and the offsets settled (``settled``). Whoever drives the
+consumer (see :mod:`unibus_kafka._poller`) calls :meth:`PartitionState.advance`
+before it commits: that folds the settled log into ``commit_to`` — in bulk, with
+one slice comparison when messages were settled in the order they came (the usual
+case), offset by offset otherwise. It also writes ``committed`` and ``revoked`` (a
+flag set once, when the partition is taken away).
+
+The loop only ever appends to the two logs; ``advance`` only removes from their
+fronts what it has read, under the driver's lock. Each list operation is atomic
+under the GIL, so the two sides need no lock between them.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 __all__ = ["PartitionState"]
+
+# Offsets past the commit point are dropped from the front of the fetched log once
+# there are this many and they are more than half of it.
+_COMPACT = 4096
 
 
 class PartitionState:
@@ -28,12 +37,15 @@ class PartitionState:
             its records are delivered as they come, first attempt, never held.
         revoked: Set when the partition was revoked or lost; its deliveries can no
             longer be settled, and a new assignment gets a new state.
-        commit_to: The offset to commit (the next one to read), or -1 for none yet.
+        commit_to: The offset to commit (the next one to read), or -1 for none yet;
+            current as of the last :meth:`advance`.
         committed: The last offset sent in a commit, or -1.
+        fetched: Record an offset handed out (offsets come in increasing order).
+        settled: Record a settled offset (each handed-out offset at most once).
     """
 
-    __slots__ = ("_pending", "_settled", "commit_to", "committed", "fetched", "partition",
-                 "plain", "revoked", "topic")
+    __slots__ = ("_acked", "_ahead", "_head", "_log", "commit_to", "committed", "fetched",
+                 "partition", "plain", "revoked", "settled", "topic")
 
     def __init__(self, topic: str, partition: int, *, plain: bool = True) -> None:
         self.topic = topic
@@ -42,36 +54,52 @@ class PartitionState:
         self.revoked = False
         self.commit_to = -1
         self.committed = -1
-        self._pending: deque[int] = deque()
-        self._settled: set[int] = set()
-        # Record an offset handed to unibus (offsets arrive in increasing order): the
-        # deque's own append, called once per record without a Python frame.
-        self.fetched: Callable[[int], None] = self._pending.append
+        # Offsets handed out, in order; those before _head are behind the commit point.
+        self._log: list[int] = []
+        self._head = 0
+        # Offsets settled since the last advance, in the order they were settled.
+        self._acked: list[int] = []
+        # Offsets settled ahead of an unsettled one (folded in, not yet committable).
+        self._ahead: set[int] = set()
+        self.fetched: Callable[[int], None] = self._log.append
+        self.settled: Callable[[int], None] = self._acked.append
 
     def __repr__(self) -> str:
         return (f"<PartitionState {self.topic}[{self.partition}] commit_to={self.commit_to} "
-                f"unsettled={len(self._pending)}{' revoked' if self.revoked else ''}>")
+                f"unsettled={self.unsettled}{' revoked' if self.revoked else ''}>")
 
     @property
     def unsettled(self) -> int:
         """How many fetched offsets are not settled yet."""
-        return len(self._pending) - len(self._settled)
+        return len(self._log) - self._head - len(self._ahead) - len(self._acked)
 
-    def settle(self, offset: int) -> None:
-        """Record a settled offset and advance ``commit_to`` over the contiguous prefix."""
-        pending = self._pending
-        if not pending or offset < pending[0]:
-            return   # already committed past it (a duplicate settlement)
-        if offset != pending[0]:
-            self._settled.add(offset)
+    def advance(self) -> None:
+        """Fold the offsets settled since the last call into ``commit_to``."""
+        acked = self._acked
+        count = len(acked)
+        if not count:
             return
-        pending.popleft()
-        last = offset
-        settled = self._settled
-        while pending and pending[0] in settled:
-            last = pending.popleft()
-            settled.discard(last)
-        self.commit_to = last + 1
+        log, head = self._log, self._head
+        batch = acked[:count]
+        if not self._ahead and log[head:head + count] == batch:
+            head += count   # settled in the order they came: all of them are committable
+        else:
+            end = len(log)
+            # An offset before the first unsettled one is behind the commit point
+            # already (a stale duplicate): it is dropped.
+            floor = log[head] if head < end else (log[-1] + 1 if log else 0)
+            ahead = self._ahead
+            ahead.update(offset for offset in batch if offset >= floor)
+            while head < end and log[head] in ahead:
+                ahead.discard(log[head])
+                head += 1
+        del acked[:count]
+        if head != self._head:
+            self.commit_to = log[head - 1] + 1
+            if head >= _COMPACT and 2 * head > len(log):
+                del log[:head]
+                head = 0
+            self._head = head
 
     @property
     def dirty(self) -> bool:

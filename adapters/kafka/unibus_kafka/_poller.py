@@ -4,10 +4,11 @@ One confluent-kafka consumer per subscription. Whoever holds :attr:`Poller.drivi
 calls it: the event loop itself while it is busy (``drain`` takes exactly the
 records it has room for, without waiting, one driver call per fetch), and the
 helper thread while the loop waits for records (``poll`` blocks there, never on the
-loop). Records are split into runs of one partition, each bound to that
-partition's bookkeeping (:class:`~unibus_kafka._offsets.PartitionState`), and
-appended to :attr:`Poller.inbox` in the order the driver gave them; the lock keeps
-that order whichever side took them. While the loop has no room, nobody takes
+loop). Each batch is appended to :attr:`Poller.inbox` as the driver gave it, with a
+copy of the partitions' bookkeeping (:class:`~unibus_kafka._offsets.PartitionState`)
+as of that moment, so that a partition revoked and assigned again never binds
+records taken before to its new state; the lock keeps the batches in order whichever
+side took them. While the loop has no room, nobody takes
 records: they stay in librdkafka's bounded queue (pausing partitions would purge it
 and refetch), and the thread serves the driver every ``_SERVE`` seconds so that the
 group's rebalances and ``max.poll.interval.ms`` are honoured.
@@ -19,7 +20,9 @@ were live Python objects every garbage collection walked. Draining on the loop c
 
 - **Commits** go up to the highest contiguous settled offset of each partition,
   every ``commit_interval`` (asynchronously, from either side), synchronously on
-  revocation when the thread serves it, and on close.
+  revocation when the thread serves it, and on close. The loop only logs
+  settlements; each commit first folds the log into ``commit_to``
+  (``PartitionState.advance``), under ``driving``.
 - **Revocation** commits what is settled, then marks the partition's state revoked:
   the loop drops its undelivered records, and its unsettled deliveries raise
   ``DeliveryLost`` when settled (the new owner gets them). The rebalance callback
@@ -33,8 +36,9 @@ were live Python objects every garbage collection walked. Draining on the loop c
   a settlement racing with it raises ``DeliveryLost``. Lost partitions (the group
   moved on without us) are dropped without a commit.
 - **Thread safety**: the driver, ``_parts`` and the inbox's producers are used under
-  ``driving`` only. ``PartitionState.commit_to`` is written by the loop only; ``committed``
-  and ``revoked`` are written under the lock only.
+  ``driving`` only. The loop only appends to a ``PartitionState``'s two logs;
+  ``advance``, ``commit_to``, ``committed`` and ``revoked`` are written under the lock
+  only.
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ class Poller:
     """The thread side of one subscription's consumer (see the module docstring).
 
     Attributes:
-        inbox: Runs of raw records of one partition, each with that partition's state,
-            for the event loop.
+        inbox: Batches of raw records as the driver gave them, each with the
+            partitions' states when it was taken, for the event loop.
         driving: Held by whichever side calls the driver's consumer.
         hungry: Set by the event loop while it waits for records with room for them;
             only then does the thread take records (as many as there is room for).
@@ -91,7 +95,7 @@ class Poller:
         self._wake = wake                # run on the loop: wakes a waiting fetch
         self._forget_revoked = forget_revoked
         self._loop = asyncio.get_running_loop()
-        self.inbox: deque[tuple[PartitionState, list[Any]]] = deque()
+        self.inbox: deque[tuple[dict[tuple[str, int], PartitionState], list[Any]]] = deque()
         self.driving = threading.Lock()
         self.hungry = False
         self.revocations = 0
@@ -129,7 +133,7 @@ class Poller:
         ephemeral = self._group is None
         group_id = self._group or f"unibus-ephemeral-{id(self):x}-{time.time_ns():x}"
         config = {**settings.consumer(group_id, reset="latest" if ephemeral else "earliest"),
-                  "error_cb": self._on_error, "on_commit": self._on_commit,
+                  "error_cb": self.on_error, "on_commit": self._on_commit,
                   "logger": DriverLog(self._scrub)}
         with map_errors("creating the Kafka consumer", self._scrub):
             self._kc = DriverConsumer(config)
@@ -267,36 +271,14 @@ class Poller:
             self._shutdown()
 
     def _ingest(self, records: list[Any]) -> None:
-        # Bind each run of records to the state of its partition *now*: a partition
-        # revoked and assigned again gets a new state, and the old records die with the
-        # old one.
-        parts = self._parts
-        runs: list[tuple[PartitionState, list[Any]]] = []
-        run: list[Any] | None = None
-        last_topic: str | None = None
-        last_partition = -1
-        for raw in records:
-            if raw.error() is not None:
-                self._on_error(raw.error())
-                continue
-            partition = raw.partition()
-            topic = raw.topic()
-            if partition != last_partition or topic != last_topic:
-                last_topic, last_partition = topic, partition
-                state = parts.get((topic, partition))
-                run = None
-                if state is not None:
-                    run = []
-                    runs.append((state, run))
-            if run is not None:
-                run.append(raw)
-        if runs:
-            self.inbox.extend(runs)
-            # Only a waiting fetch needs a wake-up (the loop's own drain has none);
-            # fetch re-checks the inbox after publishing its waiter, so no batch is
-            # missed.
-            if self._waiting():
-                self._loop.call_soon_threadsafe(self._wake)
+        # Bound to the partitions' states *now*: a partition revoked and assigned again
+        # gets a new state, and the records taken before die with the old one. The
+        # event loop splits the batch by partition as it hands the records out.
+        self.inbox.append((dict(self._parts), records))
+        # Only a waiting fetch needs a wake-up (the loop's own drain has none); fetch
+        # re-checks the inbox after publishing its waiter, so no batch is missed.
+        if self._waiting():
+            self._loop.call_soon_threadsafe(self._wake)
 
     def _commit(self, *, sync: bool, only: list[PartitionState] | None = None) -> None:
         if self._group is None:
@@ -309,9 +291,12 @@ class Poller:
             self._last_commit = now
         from confluent_kafka import TopicPartition
 
-        # commit_to is advanced by the event loop as deliveries settle; reading an int
-        # is atomic, and a settlement that lands after this read goes in the next commit.
-        states = [s for s in (only if only is not None else self._parts.values()) if s.dirty]
+        # The event loop logs settlements; advance folds them into commit_to here. A
+        # settlement logged after this goes in the next commit.
+        states = list(only if only is not None else self._parts.values())
+        for state in states:
+            state.advance()
+        states = [s for s in states if s.dirty]
         if not states:
             return
         targets = [(s, s.commit_to) for s in states]
@@ -375,7 +360,9 @@ class Poller:
         if states:
             self._loop.call_soon_threadsafe(self._forget_revoked)
 
-    def _on_error(self, error: Any) -> None:
+    def on_error(self, error: Any) -> None:
+        """An error event from the driver: a refused credential or a fatal error ends
+        the consumer (``failure``); any other is logged."""
         code = error.code()
         if code in _AUTH_CODES or error.fatal():
             self._fail(to_unibus(error, "consuming from Kafka", self._scrub))
