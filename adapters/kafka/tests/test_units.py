@@ -20,7 +20,7 @@ from unibus.errors import (
     UnibusError,
 )
 from unibus.message import Message
-from unibus_kafka._codec import decode, decode_plain, encode_headers
+from unibus_kafka._codec import decode, decode_plain, encode_headers, record_id
 from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
 from unibus_kafka._offsets import PartitionState
 
@@ -227,6 +227,34 @@ def test_a_record_of_the_topic_itself_decodes_lazily_to_the_same_message() -> No
     message = message.replace(headers={"unibus.x": "1", "é": "ü"})
     record = FakeRecord(message.body, b"k", encode_headers(message, [("unibus.due", "9")]))
     assert decode_plain(record) == message == decode(record)[0]
+
+
+def test_the_id_and_timestamp_travel_in_one_header() -> None:
+    message = Message(b"x", timestamp=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+    assert encode_headers(message) == [
+        ("unibus.msg", b"%d %s" % (message.timestamp_us, message.id.encode()))]
+    record = FakeRecord(b"x", None, encode_headers(message))
+    assert record_id(record) == message.id
+
+
+def test_records_with_the_earlier_pair_of_headers_still_decode() -> None:
+    headers = [("unibus.id", b"old-1"), ("unibus.ts", b"1767323045678901")]
+    for got in (decode_plain(FakeRecord(b"v", None, headers)),
+                decode(FakeRecord(b"v", None, headers))[0]):
+        assert got.id == "old-1"
+        assert got.timestamp == datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert record_id(FakeRecord(b"v", None, headers)) == "old-1"
+
+
+@pytest.mark.parametrize("value", [b"", b"1767323045678901", b"soon id-1", b"1767323045678901 "])
+def test_a_malformed_meta_header_is_ignored_not_fatal(value: bytes) -> None:
+    got = decode_plain(FakeRecord(b"v", None, [("unibus.msg", value)]))
+    assert got.body == b"v"
+    if value.startswith(b"soon"):
+        assert got.id == "id-1"
+        assert got.timestamp == datetime.fromtimestamp(1_700_000_000.123, UTC)
+    else:
+        assert got.id == "orders/2/41"
 
 
 def test_a_plain_record_with_a_corrupt_timestamp_falls_back_to_the_broker_time() -> None:
