@@ -119,7 +119,11 @@ class Raw:
         """
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": fresh("raw"),
                              "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                             "partition.assignment.strategy": "cooperative-sticky"})
+                             "partition.assignment.strategy": "cooperative-sticky",
+                             # As unibus sets it: at librdkafka's 1 s default a consumer
+                             # past the prefetch thresholds (100,000 records a partition)
+                             # stands idle, and raw would look slower than it can be.
+                             "fetch.queue.backoff.ms": 20})
 
         def assigned(_consumer: Any, _partitions: Any) -> None:
             if started is not None:
