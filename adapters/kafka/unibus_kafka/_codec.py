@@ -120,15 +120,17 @@ def decode_plain(record: Any) -> Message:
 
     Such a record is delivered as it came (its topic, attempt 1, never held): only
     its message is decoded, when first read. This runs once per received record that
-    is read: a record as unibus writes it (just the id and timestamp headers) is
-    decoded without the general loop.
+    is read: a record as unibus writes it (just the ``unibus.msg`` header) is decoded
+    without the general loop.
     """
     headers = record.headers()
     if headers is not None and len(headers) == 1:
         name, raw = headers[0]
         if name == _META and raw:
             ts_raw, _, id_raw = raw.partition(b" ")
-            if id_raw and ts_raw.isdigit():
+            # At most 19 digits: a foreign header's longer run of digits is never an
+            # int() to compute (Python refuses past 4,300 of them) nor a timestamp.
+            if id_raw and len(ts_raw) <= 19 and ts_raw.isdigit():
                 ts_us = int(ts_raw)
                 if ts_us <= MAX_TIMESTAMP_US:
                     key = record.key()
@@ -164,7 +166,10 @@ def decode(record: Any) -> tuple[Message, str, int, float]:
     for name, value in raw_headers or ():
         if name.startswith(_PREFIX):
             if name == _META:
-                ts_us, message_id = _split_meta(value)
+                meta_us, meta_id = _split_meta(value)
+                # A malformed value takes nothing away from what other headers said.
+                ts_us = ts_us if meta_us is None else meta_us
+                message_id = meta_id or message_id
             elif name == _ID:
                 message_id = _utf8(value) or None
             elif name == _TS:

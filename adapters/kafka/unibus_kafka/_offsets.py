@@ -8,8 +8,8 @@ handed out (``fetched``) and the offsets settled (``settled``). Whoever drives t
 consumer (see :mod:`unibus_kafka._poller`) calls :meth:`PartitionState.advance`
 before it commits: that folds the settled log into ``commit_to`` — in bulk, with
 one slice comparison when messages were settled in the order they came (the usual
-case), offset by offset otherwise. It also writes ``committed`` and ``revoked`` (a
-flag set once, when the partition is taken away).
+case), offset by offset otherwise. The driving side also writes ``committed`` and
+``revoked`` (a flag set once, when the partition is taken away).
 
 The loop only ever appends to the two logs; ``advance`` only removes from their
 fronts what it has read, under the driver's lock. Each list operation is atomic
@@ -87,7 +87,7 @@ class PartitionState:
             end = len(log)
             # An offset before the first unsettled one is behind the commit point
             # already (a stale duplicate): it is dropped.
-            floor = log[head] if head < end else (log[-1] + 1 if log else 0)
+            floor = log[head] if head < end else self.commit_to
             ahead = self._ahead
             ahead.update(offset for offset in batch if offset >= floor)
             while head < end and log[head] in ahead:

@@ -33,7 +33,9 @@ were live Python objects every garbage collection walked. Draining on the loop c
   acknowledges the revocation under KIP-848) only once no commit is outstanding
   (``rd_kafka_assignment_serve`` waits for ``wait_commit_cnt`` to drop to 0), so the
   partition's next owner reads it. The states are marked revoked before the commit:
-  a settlement racing with it raises ``DeliveryLost``. Lost partitions (the group
+  a settlement from then on raises ``DeliveryLost`` (one that read the flag just
+  before may be logged too late for the commit: a duplicate for the next owner,
+  never a loss). Lost partitions (the group
   moved on without us) are dropped without a commit.
 - **Thread safety**: the driver, ``_parts`` and the inbox's producers are used under
   ``driving`` only. The loop only appends to a ``PartitionState``'s two logs;
@@ -274,7 +276,8 @@ class Poller:
         # Bound to the partitions' states *now*: a partition revoked and assigned again
         # gets a new state, and the records taken before die with the old one. The
         # event loop splits the batch by partition as it hands the records out.
-        self.inbox.append((dict(self._parts), records))
+        # _parts is replaced, never changed, when partitions come and go.
+        self.inbox.append((self._parts, records))
         # Only a waiting fetch needs a wake-up (the loop's own drain has none); fetch
         # re-checks the inbox after publishing its waiter, so no batch is missed.
         if self._waiting():
@@ -322,8 +325,11 @@ class Poller:
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         self._joined = True
+        # A new mapping, not the old one changed: batches already taken keep theirs.
+        parts = dict(self._parts)
         for tp in partitions:
-            self._parts[(tp.topic, tp.partition)] = self._state(tp.topic, tp.partition)
+            parts[(tp.topic, tp.partition)] = self._state(tp.topic, tp.partition)
+        self._parts = parts
         if not self._assigned.done():
             self._loop.call_soon_threadsafe(self._mark_assigned)
 
@@ -337,10 +343,15 @@ class Poller:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         states = [s for tp in partitions
                   if (s := self._parts.get((tp.topic, tp.partition))) is not None]
-        # Frozen first: a settlement from now on raises DeliveryLost instead of moving
-        # commit_to past what this commit sends (the thread's commit releases the GIL).
+        # Frozen first: a settlement from now on raises DeliveryLost instead of being
+        # logged after this commit's fold and never committed (the thread's commit
+        # releases the GIL). A settlement that read the flag just before may still be
+        # logged too late: its message is redelivered to the next owner, never lost.
+        # The count moves now, so that a fetch running meanwhile drops what it took.
         for state in states:
             state.revoked = True
+        if states:
+            self.revocations += 1
         # On the event loop (its drain served the rebalance) the commit is queued, not
         # awaited: librdkafka rejoins only once it is answered (module docstring).
         self._commit(sync=threading.get_ident() != self._loop_thread, only=states)
@@ -354,9 +365,11 @@ class Poller:
     def _drop(self, states: list[PartitionState]) -> None:
         if states:
             self.revocations += 1
+        parts = dict(self._parts)   # a new mapping (see _on_assign)
         for state in states:
             state.revoked = True
-            self._parts.pop((state.topic, state.partition), None)
+            parts.pop((state.topic, state.partition), None)
+        self._parts = parts
         if states:
             self._loop.call_soon_threadsafe(self._forget_revoked)
 
