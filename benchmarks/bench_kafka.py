@@ -20,11 +20,14 @@ confluent-kafka first, then unibus, in one run:
    of ``--batch``, ``--window`` batches in flight); then again with the
    ``Message`` objects built before the clock starts (the adapter's own cost);
 2. consume: the N retained messages read by a new group and acked/committed (raw:
-   ``consume`` batches on a thread, commit of the last offsets every 0.2 s and at
-   the end; unibus: ``Subscription.fetch`` + ``Delivery.ack``), each side reading
-   every body, from subscribing to the last commit (unibus's group is declared
-   before the clock starts, as applications declare theirs: that creates its retry
-   lane, a topic raw has no use for);
+   ``consume`` batches of 500 on a thread, commit of the last offsets every 0.2 s and
+   at the end; unibus: ``Subscription.fetch`` of ``--fetch`` (250) + ``Delivery.ack``),
+   each side reading every body, from subscribing to the last commit (unibus's group
+   is declared before the clock starts, as applications declare theirs: that creates
+   its retry lane, a topic raw has no use for). A batch of 250 deliveries keeps as
+   many tracked objects alive as raw's 500 records (a delivery and its record each),
+   under the garbage collector's threshold of 700; the row ``consume, 2,000 a
+   fetch`` takes the whole prefetch at once instead, which wakes the collector;
 3. raw again with the header every unibus record carries (timestamp and id, made
    before its clock starts), published and consumed (the value read, not the
    header, as the unibus side reads only bodies): the ``vs raw +hdr`` rows compare
@@ -65,6 +68,7 @@ class Config:
     batch: int
     window: int
     prefetch: int
+    fetch: int
 
 
 def fresh(label: str) -> str:
@@ -177,13 +181,15 @@ class Unibus:
                 tasks.create_task(one(start, min(config.batch, config.messages - start)))
 
     async def consume(self, bus: unibus.Bus, topic: str, group: str, count: int,
-                      started: asyncio.Event | None = None) -> None:
+                      started: asyncio.Event | None = None, fetch: int | None = None) -> None:
+        """Read and ack ``count`` deliveries, ``fetch`` (default ``--fetch``) at a time."""
+        most = fetch or self.config.fetch
         async with bus.subscribe(topic, group=group, prefetch=self.config.prefetch) as sub:
             if started is not None:
                 started.set()
             seen = 0
             while seen < count:
-                for delivery in await sub.fetch(timeout=1.0):
+                for delivery in await sub.fetch(most, timeout=1.0):
                     delivery.body   # noqa: B018 - read, as raw reads record.value()
                     await delivery.ack()
                     seen += 1
@@ -238,6 +244,15 @@ async def run(config: Config) -> None:
         await ub.consume(bus, ub_topic, group, n)
         ub_con = rate(n, time.perf_counter() - start)
         results.append(("consume retained (manual commits)", raw_con, ub_con))
+        # The same with the whole prefetch in one fetch: what the collector costs when
+        # a batch keeps more tracked objects alive than its threshold (see --fetch).
+        big_topic, group = fresh("ub-big"), fresh("ubg")
+        await bus.declare_group(big_topic, group)
+        await ub.publish(bus, big_topic, body)
+        start = time.perf_counter()
+        await ub.consume(bus, big_topic, group, n, fetch=config.prefetch)
+        results.append((f"  consume, {config.prefetch:,} a fetch", raw_con,
+                        rate(n, time.perf_counter() - start)))
 
         # Raw again, each record carrying the header every unibus record carries (its
         # timestamp and id), made before the clock starts; the consumer reads the value
@@ -279,7 +294,8 @@ async def run(config: Config) -> None:
         results.append(("end to end (publish + consume)", raw_e2e, ub_e2e))
 
     print(f"\nKafka: {n} messages of {config.body_size} bytes, {config.partitions} partitions, "
-          f"unibus batch {config.batch} x window {config.window}, prefetch {config.prefetch}")
+          f"unibus batch {config.batch} x window {config.window}, prefetch {config.prefetch}, "
+          f"fetch {config.fetch}")
     print(f"{'phase':<36}{'raw msgs/s':>14}{'unibus msgs/s':>16}{'ratio':>8}")
     for name, raw_rate, ub_rate in results:
         print(f"{name:<36}{raw_rate:>14,.0f}{ub_rate:>16,.0f}{ub_rate / raw_rate:>8.2f}")
@@ -306,12 +322,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=2_000)
+    parser.add_argument("--fetch", type=int, default=250,
+                        help="most deliveries one unibus fetch returns (raw takes 500 "
+                             "records a consume call)")
     args = parser.parse_args()
     with broker(args.url) as url:
         target = make_url(url).with_query(partitions=str(args.partitions))
         config = Config(url=str(target.render(hide_password=False)), messages=args.messages,
                         body_size=args.body_size, partitions=args.partitions,
-                        batch=args.batch, window=args.window, prefetch=args.prefetch)
+                        batch=args.batch, window=args.window, prefetch=args.prefetch,
+                        fetch=args.fetch)
         asyncio.run(run(config))
 
 

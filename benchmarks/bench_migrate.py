@@ -118,7 +118,8 @@ async def raw_rates(side: Side, count: int, body_size: int, *,
         return count / published, count / consumed
     if side.kind == "kafka":
         config = bench_kafka.Config(url=side.url, messages=count, body_size=body_size,
-                                    partitions=4, batch=FILL_BATCH, window=4, prefetch=2_000)
+                                    partitions=4, batch=FILL_BATCH, window=4, prefetch=2_000,
+                                    fetch=250)
         kafka = bench_kafka.Raw(config)
         topic, warmup = bench_kafka.fresh("raw"), bench_kafka.fresh("warmup")
         async with unibus.connect(side.url) as bus:
