@@ -56,6 +56,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 import unibus
 from unibus.url import make_url
+from unibus_kafka._codec import META_HEADER, meta
 from unibus_kafka._url import parse_settings
 
 
@@ -259,9 +260,7 @@ async def run(config: Config) -> None:
         # only, as the unibus side does.
         hdr_topic = fresh("raw-hdr")
         await bus.adapter.declare_group(hdr_topic, "unused")
-        headers = [[("unibus.msg", b"%d %s" % (time.time_ns() // 1000,
-                                              unibus.Message(b"").id.encode()))]
-                   for _ in range(n)]
+        headers = [[(META_HEADER, meta(unibus.Message(b"")))] for _ in range(n)]
         start = time.perf_counter()
         await asyncio.to_thread(raw.publish, producer, hdr_topic, body, headers)
         results.append(("publish, vs raw +hdr", rate(n, time.perf_counter() - start), ub_pub))

@@ -174,6 +174,29 @@ def test_a_stale_settlement_after_the_log_was_dropped_changes_nothing() -> None:
     assert state.commit_to == 5001
 
 
+def test_an_untracked_partition_logs_nothing() -> None:
+    # An ephemeral subscription's partitions: nothing is ever committed for them.
+    state = PartitionState("t", 0, tracked=False)
+    for offset in range(10):
+        state.fetched(offset)
+        state.settled(offset)
+    state.advance()
+    assert (state.commit_to, state.unsettled, state.dirty) == (-1, 0, False)
+
+
+def test_a_kafka_delivery_sets_every_field_a_delivery_has() -> None:
+    # KafkaDelivery sets Delivery's fields itself (Delivery._setup written out, for
+    # speed): a field added to Delivery must be set there too.
+    from unibus.message import Delivery
+    from unibus_kafka._consumer import KafkaDelivery
+
+    state = PartitionState("t", 0)
+    delivery = KafkaDelivery(FakeRecord(b"v", None, None), state, 41, "t", "g", 1,
+                             None, None)  # type: ignore[arg-type]
+    for name in (*Delivery.__slots__, *KafkaDelivery.__slots__):
+        getattr(delivery, name)   # AttributeError if left unset
+
+
 def test_dirty_tracks_what_was_sent_in_a_commit() -> None:
     state = PartitionState("t", 3)
     state.fetched(0)

@@ -57,10 +57,6 @@ _NO_PARTS: Mapping[tuple[str, int], PartitionState] = MappingProxyType({})
 _ACK = Outcome.ACK   # read once: a member looked up on its enum costs ~75 ns (3.11)
 
 
-def _ignore(offset: int) -> None:
-    """An ephemeral subscription commits nothing: it does not log fetched offsets."""
-
-
 class KafkaDelivery(Delivery):
     """A delivery bound to its record and its partition's bookkeeping.
 
@@ -234,7 +230,6 @@ class KafkaConsumer(Consumer):
             out.append(delivery)
             room -= 1
         group = self._group
-        tracked = group is not None
         poller = self._poller
         revocations = poller.revocations
         run, pos, parts = self._run, self._pos, self._run_parts
@@ -247,7 +242,7 @@ class KafkaConsumer(Consumer):
         last_partition = -1
         state: PartitionState | None = None
         topic = ""
-        fetched: Callable[[int], None] = _ignore
+        fetched: Callable[[int], None]   # set with each state
         plain = True
         while room > 0:
             if pos >= len(run):
@@ -282,7 +277,7 @@ class KafkaConsumer(Consumer):
                         state = None   # its records die with the assignment they came in
                         continue
                     topic, plain = state.topic, state.plain
-                    fetched = state.fetched if tracked else _ignore
+                    fetched = state.fetched
                 elif state is None:
                     continue
                 offset: int = raw.offset()
@@ -346,7 +341,7 @@ class KafkaConsumer(Consumer):
 
     def _settle(self, delivery: KafkaDelivery) -> None:
         state = delivery.state
-        if self._group is not None and not state.revoked:
+        if not state.revoked:
             state.settled(delivery.offset)
         if self._waiter is not None:
             self._wake()
@@ -375,8 +370,7 @@ class KafkaConsumer(Consumer):
             # Taken away before this settlement: not committed here, the partition's
             # next owner gets the message.
             self._release(delivery)   # no longer unsettled: raises DeliveryLost
-        if self._group is not None:
-            state.settled(delivery.offset)
+        state.settled(delivery.offset)
         if self._waiter is not None:
             self._wake()
 

@@ -27,6 +27,10 @@ __all__ = ["PartitionState"]
 _COMPACT = 4096
 
 
+def _untracked(offset: int) -> None:
+    """An offset nobody will commit: not logged."""
+
+
 class PartitionState:
     """One assigned partition, from its assignment to its revocation.
 
@@ -42,12 +46,15 @@ class PartitionState:
         committed: The last offset sent in a commit, or -1.
         fetched: Record an offset handed out (offsets come in increasing order).
         settled: Record a settled offset (each handed-out offset at most once).
+            Both do nothing for a partition whose offsets are never committed (an
+            ephemeral subscription's).
     """
 
     __slots__ = ("_acked", "_ahead", "_head", "_log", "commit_to", "committed", "fetched",
                  "partition", "plain", "revoked", "settled", "topic")
 
-    def __init__(self, topic: str, partition: int, *, plain: bool = True) -> None:
+    def __init__(self, topic: str, partition: int, *, plain: bool = True,
+                 tracked: bool = True) -> None:
         self.topic = topic
         self.partition = partition
         self.plain = plain
@@ -61,8 +68,8 @@ class PartitionState:
         self._acked: list[int] = []
         # Offsets settled ahead of an unsettled one (folded in, not yet committable).
         self._ahead: set[int] = set()
-        self.fetched: Callable[[int], None] = self._log.append
-        self.settled: Callable[[int], None] = self._acked.append
+        self.fetched: Callable[[int], None] = self._log.append if tracked else _untracked
+        self.settled: Callable[[int], None] = self._acked.append if tracked else _untracked
 
     def __repr__(self) -> str:
         return (f"<PartitionState {self.topic}[{self.partition}] commit_to={self.commit_to} "

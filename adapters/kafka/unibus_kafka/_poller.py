@@ -334,7 +334,9 @@ class Poller:
             self._loop.call_soon_threadsafe(self._mark_assigned)
 
     def _state(self, topic: str, partition: int) -> PartitionState:
-        return PartitionState(topic, partition, plain=topic not in self._lanes)
+        # An ephemeral subscription commits nothing: its states log no offsets.
+        return PartitionState(topic, partition, plain=topic not in self._lanes,
+                              tracked=self._group is not None)
 
     def _mark_assigned(self) -> None:
         if not self._assigned.done():
@@ -347,11 +349,7 @@ class Poller:
         # logged after this commit's fold and never committed (the thread's commit
         # releases the GIL). A settlement that read the flag just before may still be
         # logged too late: its message is redelivered to the next owner, never lost.
-        # The count moves now, so that a fetch running meanwhile drops what it took.
-        for state in states:
-            state.revoked = True
-        if states:
-            self.revocations += 1
+        self._freeze(states)
         # On the event loop (its drain served the rebalance) the commit is queued, not
         # awaited: librdkafka rejoins only once it is answered (module docstring).
         self._commit(sync=threading.get_ident() != self._loop_thread, only=states)
@@ -359,15 +357,23 @@ class Poller:
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Lost partitions may belong to another member already: commit nothing.
-        self._drop([s for tp in partitions
-                    if (s := self._parts.get((tp.topic, tp.partition))) is not None])
+        states = [s for tp in partitions
+                  if (s := self._parts.get((tp.topic, tp.partition))) is not None]
+        self._freeze(states)
+        self._drop(states)
 
-    def _drop(self, states: list[PartitionState]) -> None:
-        if states:
-            self.revocations += 1
-        parts = dict(self._parts)   # a new mapping (see _on_assign)
+    def _freeze(self, states: list[PartitionState]) -> None:
+        """Mark ``states`` revoked; the count moves at once, so that a fetch running
+        meanwhile drops what it took of them."""
         for state in states:
             state.revoked = True
+        if states:
+            self.revocations += 1
+
+    def _drop(self, states: list[PartitionState]) -> None:
+        """Forget frozen ``states``; the loop drops what it holds of them."""
+        parts = dict(self._parts)   # a new mapping (see _on_assign)
+        for state in states:
             parts.pop((state.topic, state.partition), None)
         self._parts = parts
         if states:
