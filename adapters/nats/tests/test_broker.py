@@ -183,3 +183,51 @@ async def test_wrong_password_fails_at_once_with_authentication_failed(
     assert time.monotonic() - started < 5
     assert "wrong-pw-123" not in str(info.value) + caplog.text
     assert "s3cret-pw" not in caplog.text
+
+
+async def test_flush_writes_the_buffered_commands_before_its_ping(nats_broker: Any,
+                                                                  topic: str) -> None:
+    # nats-py's own flush writes its PING straight to the socket, ahead of commands
+    # still waiting in its write buffer: its PONG would prove nothing about them.
+    import nats
+
+    from unibus_nats import _wire as wire
+
+    nc = await nats.connect(nats_broker.url)
+    try:
+        written: list[bytes] = []
+        transport = nc._transport
+        assert transport is not None
+        write, writelines = transport.write, transport.writelines
+
+        def record(data: bytes) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        def record_lines(lines: list[bytes]) -> None:
+            written.extend(bytes(line) for line in lines)
+            writelines(lines)
+
+        setattr(transport, "write", record)  # noqa: B010 - recording this one instance
+        setattr(transport, "writelines", record_lines)  # noqa: B010
+        await nc.publish(topic, b"buffered")
+        await wire.flush(nc, 2)
+        sent = b"".join(written)
+        assert sent.index(f"PUB {topic} ".encode()) < sent.index(b"PING\r\n")
+    finally:
+        await nc.close()
+
+
+async def test_core_publish_then_attach_never_delivers_the_earlier_message(
+        core_url: str) -> None:
+    # publish() returns once the server has read the message, so a member attaching
+    # afterwards (on another connection) cannot receive it. The publisher's later
+    # message would arrive after it if it did (one connection keeps order).
+    async with unibus.connect(core_url) as publisher, unibus.connect(core_url) as consumer:
+        for attempt in range(40):
+            topic = f"t.attach-{attempt}.{time.monotonic_ns()}"
+            await publisher.publish(topic, b"before")
+            async with consumer.subscribe(topic, group="g") as sub:
+                live = await publisher.publish(topic, b"live")
+                got = await sub.fetch(1, timeout=consumer.capabilities.timings.delivery)
+                assert [d.id for d in got] == [live.id], f"attempt {attempt}"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from unibus.errors import AuthenticationFailed, BrokerTimeout, BrokerUnavailable
+from unibus_nats import _wire as wire
 from unibus_nats._errors import is_auth_error, map_errors
 from unibus_nats._url import Settings
 
@@ -157,5 +158,5 @@ class Connection:
         self._reconnect_listeners.clear()
         if nc is not None:
             with contextlib.suppress(Exception):
-                await nc.flush(timeout=1)
+                await wire.flush(nc, 1)
             await self._discard(nc)

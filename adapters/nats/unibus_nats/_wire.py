@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.subscription import Subscription
 
-__all__ = ["Handler", "can_write_directly", "publish", "publish_block", "publish_blocks", "route",
-           "unroute"]
+__all__ = ["Handler", "can_write_directly", "flush", "publish", "publish_block", "publish_blocks",
+           "route", "unroute"]
 
 #: Receives ``(subject, payload, headers)`` of each message of a routed subscription;
 #: ``headers`` is the raw header block as received, ``None`` without headers, or for a
@@ -132,6 +132,30 @@ async def publish_blocks(nc: Client, subject: str, items: list[tuple[bytes, byte
         import nats.errors
 
         raise nats.errors.MaxPayloadError
+
+
+async def flush(nc: Client, timeout: float) -> None:
+    """Return once the server has read everything written to ``nc`` before this call.
+
+    nats-py's ``Client.flush`` writes its ``PING`` straight to the socket while
+    the commands before it (``PUB``, ``SUB``, ``UNSUB``) may still wait in the
+    client's write buffer for its flusher task: the ``PONG`` then proves nothing
+    about them (it made a queue group look like it kept messages published
+    "before" a member attached). The buffer is written first here, as the
+    flusher would, so the ``PING`` follows it on the wire.
+
+    Raises:
+        nats.errors.ConnectionClosedError: The client is closed.
+        nats.errors.FlushTimeoutError: No ``PONG`` within ``timeout``.
+    """
+    pending = getattr(nc, "_pending", None)
+    transport = getattr(nc, "_transport", None)
+    if pending and transport is not None and nc.is_connected:
+        transport.writelines(pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0
+    # Nothing awaits between the write above and the PING's.
+    await nc.flush(timeout=max(1, round(timeout)))
 
 
 _ROUTING_INTERNALS = ("_process_msg", "_process_headers", "_subs", "stats")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from unibus.errors import BrokerError, DeliveryLost, UnibusError
 from unibus.message import Delivery, Message
 from unibus.spi import Consumer
+from unibus_nats import _wire as wire
 from unibus_nats._codec import NOT_BEFORE, decode, parse_reply
 from unibus_nats._connection import Connection
 from unibus_nats._errors import map_errors
@@ -411,6 +412,6 @@ class JetStreamConsumer(Consumer):
             # Back to the group at once, not after ack_wait.
             for reply in held:
                 await nc.publish(reply, _NAK)
-            await nc.flush(timeout=2)
+            await wire.flush(nc, 2)
         await self._on_close(self)
 

@@ -152,7 +152,7 @@ class _CoreConsumer(Consumer):
                 # task hop; where that is not possible, on_msg keeps receiving.
                 wire.route(nc, sub, functools.partial(self._receive, topic))
             # Receiving from the moment open_consumer returns: the server has the SUBs.
-            await nc.flush(timeout=max(1, round(self._adapter.settings["connect_timeout"])))
+            await wire.flush(nc, self._adapter.settings["connect_timeout"])
 
     def _receive(self, topic: str, subject: str | bytes, data: bytes,
                  headers: bytes | dict[str, str] | None) -> None:
@@ -309,7 +309,7 @@ class CoreNatsAdapter(Adapter):
                         await conn.wait_up(deadline)
                     await wire.publish(nc, subject, message.body, encode_headers(message))
             # Not a confirmation: it only proves the server read what was written.
-            await nc.flush(timeout=max(1, round(self._settings["connect_timeout"])))
+            await wire.flush(nc, self._settings["connect_timeout"])
 
     async def declare_group(self, topic: str, group: str) -> None:
         """Nothing to create: a queue group exists only while members are attached."""
