@@ -45,10 +45,11 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,104 +201,139 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-async def run(config: Config) -> None:
-    body = os.urandom(config.body_size)
+Clock = Callable[[], Awaitable[float]]
+
+
+async def paired(raw_first: bool, raw: Clock, ub: Clock) -> tuple[float, float]:
+    """Both sides' seconds, in the order asked (rounds alternate it against drift)."""
+    if raw_first:
+        raw_s = await raw()
+        return raw_s, await ub()
+    ub_s = await ub()
+    return await raw(), ub_s
+
+
+async def one_round(config: Config, bus: unibus.Bus, producer: Any, body: bytes,
+                    raw_first: bool) -> list[tuple[str, float, float]]:
+    """Every phase once; each ``(phase, raw msgs/s, unibus msgs/s)``."""
     raw, ub = Raw(config), Unibus(config)
     n = config.messages
     results: list[tuple[str, float, float]] = []
-    async with unibus.connect(config.url) as bus:
-        # Topics are created by unibus (same partitions) for both sides.
-        raw_topic, ub_topic, warmup = fresh("raw"), fresh("ub"), fresh("warmup")
-        for topic in (raw_topic, ub_topic, warmup):
-            await bus.adapter.declare_group(topic, "unused")
-        # Both producers connected and warm before any clock starts.
-        producer = await asyncio.to_thread(raw.warm_producer, warmup)
-        await bus.publish(warmup, b"warm-up")
 
-        start = time.perf_counter()
-        await asyncio.to_thread(raw.publish, producer, raw_topic, body)
-        raw_pub = rate(n, time.perf_counter() - start)
-        start = time.perf_counter()
-        await ub.publish(bus, ub_topic, body)
-        ub_pub = rate(n, time.perf_counter() - start)
-        results.append(("publish (acks=all, idempotent)", raw_pub, ub_pub))
-        # The same, with the Message objects built before the clock starts: what the
-        # adapter itself costs, without the core's Message construction.
-        prebuilt = [unibus.Message(body) for _ in range(n)]
-        extra_topic = fresh("ub-prebuilt")
-        await bus.adapter.declare_group(extra_topic, "unused")
-        start = time.perf_counter()
-        await ub.publish(bus, extra_topic, body, prebuilt)
-        results.append(("  publish, Messages pre-built", raw_pub,
-                        rate(n, time.perf_counter() - start)))
-        # Not kept alive through the later phases: N live objects make every full
-        # garbage collection of the consuming side walk them all.
-        del prebuilt
+    async def declared(label: str) -> str:
+        topic = fresh(label)   # created by unibus (same partitions) for both sides
+        await bus.adapter.declare_group(topic, "unused")
+        return topic
 
+    async def clock(work: Awaitable[object]) -> float:
         start = time.perf_counter()
-        await asyncio.to_thread(raw.consume, raw_topic, n)
-        raw_con = rate(n, time.perf_counter() - start)
-        # Declared as an application declares its groups, before the clock: that
-        # creates the group's retry lane (a topic); raw has no lane to create.
-        group = fresh("ubg")
-        await bus.declare_group(ub_topic, group)
-        start = time.perf_counter()
-        await ub.consume(bus, ub_topic, group, n)
-        ub_con = rate(n, time.perf_counter() - start)
-        results.append(("consume retained (manual commits)", raw_con, ub_con))
-        # The same with the whole prefetch in one fetch: what the collector costs when
-        # a batch keeps more tracked objects alive than its threshold (see --fetch).
-        big_topic, group = fresh("ub-big"), fresh("ubg")
-        await bus.declare_group(big_topic, group)
-        await ub.publish(bus, big_topic, body)
-        start = time.perf_counter()
-        await ub.consume(bus, big_topic, group, n, fetch=config.prefetch)
-        results.append((f"  consume, {config.prefetch:,} a fetch", raw_con,
-                        rate(n, time.perf_counter() - start)))
+        await work
+        return time.perf_counter() - start
 
-        # Raw again, each record carrying the header every unibus record carries (its
-        # timestamp and id), made before the clock starts; the consumer reads the value
-        # only, as the unibus side does.
-        hdr_topic = fresh("raw-hdr")
-        await bus.adapter.declare_group(hdr_topic, "unused")
-        headers = [[(META_HEADER, meta(unibus.Message(b"")))] for _ in range(n)]
-        start = time.perf_counter()
-        await asyncio.to_thread(raw.publish, producer, hdr_topic, body, headers)
-        results.append(("publish, vs raw +hdr", rate(n, time.perf_counter() - start), ub_pub))
-        del headers
-        start = time.perf_counter()
-        await asyncio.to_thread(raw.consume, hdr_topic, n)
-        results.append(("consume, vs raw +hdr", rate(n, time.perf_counter() - start), ub_con))
+    def record(name: str, seconds: tuple[float, float]) -> tuple[float, float]:
+        rates = rate(n, seconds[0]), rate(n, seconds[1])
+        results.append((name, *rates))
+        return rates
 
-        raw_topic, ub_topic = fresh("raw2"), fresh("ub2")
-        for topic in (raw_topic, ub_topic):
-            await bus.adapter.declare_group(topic, "unused")
-        # Both clocks start at the first publish, once the consumer has its partitions
-        # (unibus's subscribe returns then; raw's on_assign says so).
+    raw_topic, ub_topic = await declared("raw"), await declared("ub")
+    raw_pub, ub_pub = record("publish (acks=all, idempotent)", await paired(
+        raw_first,
+        lambda: clock(asyncio.to_thread(raw.publish, producer, raw_topic, body)),
+        lambda: clock(ub.publish(bus, ub_topic, body))))
+    # The same, with the Message objects built before the clock starts: what the
+    # adapter itself costs, without the core's Message construction.
+    prebuilt = [unibus.Message(body) for _ in range(n)]
+    extra_topic = await declared("ub-prebuilt")
+    seconds = await clock(ub.publish(bus, extra_topic, body, prebuilt))
+    results.append(("  publish, Messages pre-built", raw_pub, rate(n, seconds)))
+    # Not kept alive through the later phases: N live objects make every full
+    # garbage collection of the consuming side walk them all.
+    del prebuilt
+
+    # Declared as an application declares its groups, before the clock: that creates
+    # the group's retry lane (a topic); raw has no lane to create.
+    group = fresh("ubg")
+    await bus.declare_group(ub_topic, group)
+    raw_con, ub_con = record("consume retained (manual commits)", await paired(
+        raw_first,
+        lambda: clock(asyncio.to_thread(raw.consume, raw_topic, n)),
+        lambda: clock(ub.consume(bus, ub_topic, group, n))))
+    # The same with the whole prefetch in one fetch: what the collector costs when a
+    # batch keeps more tracked objects alive than its threshold (see --fetch).
+    big_topic, group = fresh("ub-big"), fresh("ubg")
+    await bus.declare_group(big_topic, group)
+    await ub.publish(bus, big_topic, body)
+    seconds = await clock(ub.consume(bus, big_topic, group, n, fetch=config.prefetch))
+    results.append((f"  consume, {config.prefetch:,} a fetch", raw_con, rate(n, seconds)))
+
+    # Raw again, each record carrying the header every unibus record carries (its
+    # timestamp and id), made before the clock starts; the consumer reads the value
+    # only, as the unibus side does.
+    hdr_topic = await declared("raw-hdr")
+    headers = [[(META_HEADER, meta(unibus.Message(b"")))] for _ in range(n)]
+    seconds = await clock(asyncio.to_thread(raw.publish, producer, hdr_topic, body, headers))
+    results.append(("publish, vs raw +hdr", rate(n, seconds), ub_pub))
+    del headers
+    seconds = await clock(asyncio.to_thread(raw.consume, hdr_topic, n))
+    results.append(("consume, vs raw +hdr", rate(n, seconds), ub_con))
+
+    # Both clocks start at the first publish, once the consumer has its partitions
+    # (unibus's subscribe returns then; raw's on_assign says so).
+    raw_topic, ub_topic = await declared("raw2"), await declared("ub2")
+
+    async def raw_e2e() -> float:
         started = threading.Event()
         consumer = asyncio.create_task(asyncio.to_thread(raw.consume, raw_topic, n, started))
         await asyncio.to_thread(started.wait)
         start = time.perf_counter()
         await asyncio.to_thread(raw.publish, producer, raw_topic, body)
         await consumer
-        raw_e2e = rate(n, time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    async def ub_e2e() -> float:
         ready = asyncio.Event()
         group = fresh("ubg2")
         await bus.declare_group(ub_topic, group)
-        ub_consumer = asyncio.create_task(ub.consume(bus, ub_topic, group, n, ready))
+        consumer = asyncio.create_task(ub.consume(bus, ub_topic, group, n, ready))
         await ready.wait()
         start = time.perf_counter()
         await ub.publish(bus, ub_topic, body)
-        await ub_consumer
-        ub_e2e = rate(n, time.perf_counter() - start)
-        results.append(("end to end (publish + consume)", raw_e2e, ub_e2e))
+        await consumer
+        return time.perf_counter() - start
 
-    print(f"\nKafka: {n} messages of {config.body_size} bytes, {config.partitions} partitions, "
-          f"unibus batch {config.batch} x window {config.window}, prefetch {config.prefetch}, "
-          f"fetch {config.fetch}")
-    print(f"{'phase':<36}{'raw msgs/s':>14}{'unibus msgs/s':>16}{'ratio':>8}")
-    for name, raw_rate, ub_rate in results:
-        print(f"{name:<36}{raw_rate:>14,.0f}{ub_rate:>16,.0f}{ub_rate / raw_rate:>8.2f}")
+    record("end to end (publish + consume)", await paired(raw_first, raw_e2e, ub_e2e))
+    return results
+
+
+async def run(config: Config, rounds: int) -> None:
+    body = os.urandom(config.body_size)
+    per_round: list[list[tuple[str, float, float]]] = []
+    async with unibus.connect(config.url) as bus:
+        # Both producers connected and warm before any clock starts.
+        warmup = fresh("warmup")
+        await bus.adapter.declare_group(warmup, "unused")
+        producer = await asyncio.to_thread(Raw(config).warm_producer, warmup)
+        await bus.publish(warmup, b"warm-up")
+        for number in range(rounds):
+            results = await one_round(config, bus, producer, body, raw_first=number % 2 == 0)
+            per_round.append(results)
+            print(f"round {number + 1} ({'raw' if number % 2 == 0 else 'unibus'} first): "
+                  + ", ".join(f"{name.strip()} {u / r:.2f}" for name, r, u in results),
+                  flush=True)
+
+    print(f"\nKafka: {config.messages} messages of {config.body_size} bytes, "
+          f"{config.partitions} partitions, unibus batch {config.batch} x window "
+          f"{config.window}, prefetch {config.prefetch}, fetch {config.fetch}; "
+          f"{rounds} round(s), medians")
+    print(f"{'phase':<36}{'raw msgs/s':>14}{'unibus msgs/s':>16}{'ratio':>8}"
+          f"{'ratio min-max':>16}")
+    for i, (name, _, _) in enumerate(per_round[0]):
+        raws = [results[i][1] for results in per_round]
+        ubs = [results[i][2] for results in per_round]
+        ratios = [u / r for r, u in zip(raws, ubs, strict=True)]
+        print(f"{name:<36}{statistics.median(raws):>14,.0f}{statistics.median(ubs):>16,.0f}"
+              f"{statistics.median(ratios):>8.2f}"
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>16}")
 
 
 @contextlib.contextmanager
@@ -324,6 +360,10 @@ def main() -> None:
     parser.add_argument("--fetch", type=int, default=250,
                         help="most deliveries one unibus fetch returns (raw takes 500 "
                              "records a consume call)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every phase; raw goes first in odd rounds, unibus "
+                             "in even ones; the table gives medians and the median of the "
+                             "rounds' ratios")
     args = parser.parse_args()
     with broker(args.url) as url:
         target = make_url(url).with_query(partitions=str(args.partitions))
@@ -331,7 +371,7 @@ def main() -> None:
                         body_size=args.body_size, partitions=args.partitions,
                         batch=args.batch, window=args.window, prefetch=args.prefetch,
                         fetch=args.fetch)
-        asyncio.run(run(config))
+        asyncio.run(run(config, args.rounds))
 
 
 if __name__ == "__main__":
