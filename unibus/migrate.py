@@ -236,6 +236,9 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
             engine.close()
 
 
+_trusted = Message.trusted
+
+
 def _forward(message: Message) -> Message:
     """The message to publish: same id, key, body, headers and timestamp."""
     headers = message.headers
@@ -250,7 +253,6 @@ def _forward(message: Message) -> Message:
                                      else {ORIGINAL_TIMESTAMP_HEADER: stamp}), us)
 
 
-_trusted = Message.trusted
 _last_second: tuple[int, str] = (-1, "")   # a whole second and its ISO 8601 text
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from unibus.capabilities import Capabilities
 from unibus.errors import DeliveryLost
-from unibus.message import Delivery, Message, Outcome
+from unibus.message import _ACK, Delivery, Message
 from unibus.spi import Consumer
 from unibus_kafka._codec import (
     ATTEMPT,
@@ -54,7 +54,6 @@ __all__ = ["KafkaConsumer", "KafkaDelivery"]
 
 _NO_RECORDS: list[Any] = []
 _NO_PARTS: Mapping[tuple[str, int], PartitionState] = MappingProxyType({})
-_ACK = Outcome.ACK   # read once: a member looked up on its enum costs ~75 ns (3.11)
 
 
 class KafkaDelivery(Delivery):

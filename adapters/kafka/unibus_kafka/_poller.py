@@ -342,9 +342,12 @@ class Poller:
         if not self._assigned.done():
             self._assigned.set_result(None)
 
+    def _states_of(self, partitions: list[Any]) -> list[PartitionState]:
+        return [s for tp in partitions
+                if (s := self._parts.get((tp.topic, tp.partition))) is not None]
+
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        states = [s for tp in partitions
-                  if (s := self._parts.get((tp.topic, tp.partition))) is not None]
+        states = self._states_of(partitions)
         # Frozen first: a settlement from now on raises DeliveryLost instead of being
         # logged after this commit's fold and never committed (the thread's commit
         # releases the GIL). A settlement that read the flag just before may still be
@@ -357,8 +360,7 @@ class Poller:
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Lost partitions may belong to another member already: commit nothing.
-        states = [s for tp in partitions
-                  if (s := self._parts.get((tp.topic, tp.partition))) is not None]
+        states = self._states_of(partitions)
         self._freeze(states)
         self._drop(states)
 
