@@ -40,7 +40,7 @@ from typing import Any
 from unibus.message import MAX_TIMESTAMP_US, MIN_TIMESTAMP_US, Message
 
 __all__ = ["META_HEADER", "decode", "decode_plain", "encode_headers", "meta",
-           "record_id", "timestamp_us"]
+           "record_id", "stamp", "timestamp_us"]
 
 _META = META_HEADER = "unibus.msg"
 # The pair of headers records carried before (still decoded).
@@ -83,7 +83,13 @@ def encode_headers(message: Message, extra: list[tuple[str, str]] | None = None
 
 def meta(message: Message) -> bytes:
     """The value of the ``unibus.msg`` header: ``b"<timestamp µs> <id>"``."""
-    return b"%d %s" % (message.timestamp_us, message.id.encode())
+    return stamp(message.timestamp_us) + message.id.encode()
+
+
+def stamp(timestamp_us: int) -> bytes:
+    """The front of a ``unibus.msg`` value, up to the id: messages made at one moment
+    (a ``publish_many`` of bodies) share it, so the producer makes it once for them."""
+    return b"%d " % timestamp_us
 
 
 def _split_meta(raw: bytes | None) -> tuple[int | None, str | None]:
