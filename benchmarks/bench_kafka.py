@@ -36,7 +36,12 @@ confluent-kafka first, then unibus, in one run:
    publish to the last ack; the consumer has its partitions before the clock starts
    (unibus's ``subscribe`` returns then; raw waits for ``on_assign``).
 
-Prints msgs/s for each side and the ratio unibus / raw.
+Prints msgs/s for each side and the ratio unibus / raw, and the CPU time the process
+spent per message on each side (all its threads: Python's and librdkafka's) with
+its ratio raw / unibus. Throughput is the goal's measure; the CPU figures say the
+same without the machine's noise (another tenant's steal time, the broker's
+pauses), which moves throughput by a third from one round to the next but leaves
+the CPU a message costs nearly alone.
 """
 
 from __future__ import annotations
@@ -201,11 +206,15 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-Clock = Callable[[], Awaitable[float]]
+# A phase's (wall seconds, CPU seconds of the whole process).
+Timing = tuple[float, float]
+Clock = Callable[[], Awaitable[Timing]]
+# A phase's result: (name, raw msgs/s, unibus msgs/s, raw CPU µs/msg, unibus CPU µs/msg).
+Result = tuple[str, float, float, float, float]
 
 
-async def paired(raw_first: bool, raw: Clock, ub: Clock) -> tuple[float, float]:
-    """Both sides' seconds, in the order asked (rounds alternate it against drift)."""
+async def paired(raw_first: bool, raw: Clock, ub: Clock) -> tuple[Timing, Timing]:
+    """Both sides' timings, in the order asked (rounds alternate it against drift)."""
     if raw_first:
         raw_s = await raw()
         return raw_s, await ub()
@@ -214,38 +223,40 @@ async def paired(raw_first: bool, raw: Clock, ub: Clock) -> tuple[float, float]:
 
 
 async def one_round(config: Config, bus: unibus.Bus, producer: Any, body: bytes,
-                    raw_first: bool) -> list[tuple[str, float, float]]:
-    """Every phase once; each ``(phase, raw msgs/s, unibus msgs/s)``."""
+                    raw_first: bool) -> list[Result]:
+    """Every phase once."""
     raw, ub = Raw(config), Unibus(config)
     n = config.messages
-    results: list[tuple[str, float, float]] = []
+    results: list[Result] = []
 
     async def declared(label: str) -> str:
         topic = fresh(label)   # created by unibus (same partitions) for both sides
         await bus.adapter.declare_group(topic, "unused")
         return topic
 
-    async def clock(work: Awaitable[object]) -> float:
-        start = time.perf_counter()
+    async def clock(work: Awaitable[object]) -> Timing:
+        start, cpu = time.perf_counter(), time.process_time()
         await work
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
-    def record(name: str, seconds: tuple[float, float]) -> tuple[float, float]:
-        rates = rate(n, seconds[0]), rate(n, seconds[1])
-        results.append((name, *rates))
-        return rates
+    def record(name: str, raw_t: Timing, ub_t: Timing) -> Result:
+        result = (name, rate(n, raw_t[0]), rate(n, ub_t[0]), raw_t[1] / n * 1e6,
+                  ub_t[1] / n * 1e6)
+        results.append(result)
+        return result
 
     raw_topic, ub_topic = await declared("raw"), await declared("ub")
-    raw_pub, ub_pub = record("publish (acks=all, idempotent)", await paired(
+    raw_pub_t, ub_pub_t = await paired(
         raw_first,
         lambda: clock(asyncio.to_thread(raw.publish, producer, raw_topic, body)),
-        lambda: clock(ub.publish(bus, ub_topic, body))))
+        lambda: clock(ub.publish(bus, ub_topic, body)))
+    record("publish (acks=all, idempotent)", raw_pub_t, ub_pub_t)
     # The same, with the Message objects built before the clock starts: what the
     # adapter itself costs, without the core's Message construction.
     prebuilt = [unibus.Message(body) for _ in range(n)]
     extra_topic = await declared("ub-prebuilt")
-    seconds = await clock(ub.publish(bus, extra_topic, body, prebuilt))
-    results.append(("  publish, Messages pre-built", raw_pub, rate(n, seconds)))
+    record("  publish, Messages pre-built", raw_pub_t,
+           await clock(ub.publish(bus, extra_topic, body, prebuilt)))
     # Not kept alive through the later phases: N live objects make every full
     # garbage collection of the consuming side walk them all.
     del prebuilt
@@ -254,60 +265,64 @@ async def one_round(config: Config, bus: unibus.Bus, producer: Any, body: bytes,
     # the group's retry lane (a topic); raw has no lane to create.
     group = fresh("ubg")
     await bus.declare_group(ub_topic, group)
-    raw_con, ub_con = record("consume retained (manual commits)", await paired(
+    raw_con_t, ub_con_t = await paired(
         raw_first,
         lambda: clock(asyncio.to_thread(raw.consume, raw_topic, n)),
-        lambda: clock(ub.consume(bus, ub_topic, group, n))))
+        lambda: clock(ub.consume(bus, ub_topic, group, n)))
+    record("consume retained (manual commits)", raw_con_t, ub_con_t)
     # The same with the whole prefetch in one fetch: what the collector costs when a
     # batch keeps more tracked objects alive than its threshold (see --fetch).
     big_topic, group = fresh("ub-big"), fresh("ubg")
     await bus.declare_group(big_topic, group)
     await ub.publish(bus, big_topic, body)
-    seconds = await clock(ub.consume(bus, big_topic, group, n, fetch=config.prefetch))
-    results.append((f"  consume, {config.prefetch:,} a fetch", raw_con, rate(n, seconds)))
+    record(f"  consume, {config.prefetch:,} a fetch", raw_con_t,
+           await clock(ub.consume(bus, big_topic, group, n, fetch=config.prefetch)))
 
     # Raw again, each record carrying the header every unibus record carries (its
     # timestamp and id), made before the clock starts; the consumer reads the value
     # only, as the unibus side does.
     hdr_topic = await declared("raw-hdr")
     headers = [[(META_HEADER, meta(unibus.Message(b"")))] for _ in range(n)]
-    seconds = await clock(asyncio.to_thread(raw.publish, producer, hdr_topic, body, headers))
-    results.append(("publish, vs raw +hdr", rate(n, seconds), ub_pub))
+    record("publish, vs raw +hdr",
+           await clock(asyncio.to_thread(raw.publish, producer, hdr_topic, body, headers)),
+           ub_pub_t)
     del headers
-    seconds = await clock(asyncio.to_thread(raw.consume, hdr_topic, n))
-    results.append(("consume, vs raw +hdr", rate(n, seconds), ub_con))
+    record("consume, vs raw +hdr", await clock(asyncio.to_thread(raw.consume, hdr_topic, n)),
+           ub_con_t)
 
     # Both clocks start at the first publish, once the consumer has its partitions
     # (unibus's subscribe returns then; raw's on_assign says so).
     raw_topic, ub_topic = await declared("raw2"), await declared("ub2")
 
-    async def raw_e2e() -> float:
+    async def raw_e2e() -> Timing:
         started = threading.Event()
         consumer = asyncio.create_task(asyncio.to_thread(raw.consume, raw_topic, n, started))
         await asyncio.to_thread(started.wait)
-        start = time.perf_counter()
-        await asyncio.to_thread(raw.publish, producer, raw_topic, body)
-        await consumer
-        return time.perf_counter() - start
 
-    async def ub_e2e() -> float:
+        async def both() -> None:
+            await asyncio.to_thread(raw.publish, producer, raw_topic, body)
+            await consumer
+        return await clock(both())
+
+    async def ub_e2e() -> Timing:
         ready = asyncio.Event()
         group = fresh("ubg2")
         await bus.declare_group(ub_topic, group)
         consumer = asyncio.create_task(ub.consume(bus, ub_topic, group, n, ready))
         await ready.wait()
-        start = time.perf_counter()
-        await ub.publish(bus, ub_topic, body)
-        await consumer
-        return time.perf_counter() - start
 
-    record("end to end (publish + consume)", await paired(raw_first, raw_e2e, ub_e2e))
+        async def both() -> None:
+            await ub.publish(bus, ub_topic, body)
+            await consumer
+        return await clock(both())
+
+    record("end to end (publish + consume)", *await paired(raw_first, raw_e2e, ub_e2e))
     return results
 
 
 async def run(config: Config, rounds: int) -> None:
     body = os.urandom(config.body_size)
-    per_round: list[list[tuple[str, float, float]]] = []
+    per_round: list[list[Result]] = []
     async with unibus.connect(config.url) as bus:
         # Both producers connected and warm before any clock starts.
         warmup = fresh("warmup")
@@ -318,22 +333,24 @@ async def run(config: Config, rounds: int) -> None:
             results = await one_round(config, bus, producer, body, raw_first=number % 2 == 0)
             per_round.append(results)
             print(f"round {number + 1} ({'raw' if number % 2 == 0 else 'unibus'} first): "
-                  + ", ".join(f"{name.strip()} {u / r:.2f}" for name, r, u in results),
+                  + ", ".join(f"{name.strip()} {u / r:.2f}" for name, r, u, _, _ in results),
                   flush=True)
 
     print(f"\nKafka: {config.messages} messages of {config.body_size} bytes, "
           f"{config.partitions} partitions, unibus batch {config.batch} x window "
           f"{config.window}, prefetch {config.prefetch}, fetch {config.fetch}; "
-          f"{rounds} round(s), medians")
-    print(f"{'phase':<36}{'raw msgs/s':>14}{'unibus msgs/s':>16}{'ratio':>8}"
-          f"{'ratio min-max':>16}")
-    for i, (name, _, _) in enumerate(per_round[0]):
-        raws = [results[i][1] for results in per_round]
-        ubs = [results[i][2] for results in per_round]
+          f"{rounds} round(s), medians; CPU: µs of the process's CPU time a message")
+    print(f"{'phase':<36}{'raw msgs/s':>12}{'unibus msgs/s':>15}{'ratio':>7}"
+          f"{'min-max':>11}{'raw CPU':>9}{'unibus CPU':>12}{'CPU ratio':>11}")
+    median = statistics.median
+    for i, (name, *_) in enumerate(per_round[0]):
+        column = [[results[i][k] for results in per_round] for k in range(1, 5)]
+        raws, ubs, raw_cpu, ub_cpu = column
         ratios = [u / r for r, u in zip(raws, ubs, strict=True)]
-        print(f"{name:<36}{statistics.median(raws):>14,.0f}{statistics.median(ubs):>16,.0f}"
-              f"{statistics.median(ratios):>8.2f}"
-              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>16}")
+        cpu_ratios = [r / u for r, u in zip(raw_cpu, ub_cpu, strict=True)]
+        print(f"{name:<36}{median(raws):>12,.0f}{median(ubs):>15,.0f}{median(ratios):>7.2f}"
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>11}{median(raw_cpu):>9.2f}"
+              f"{median(ub_cpu):>12.2f}{median(cpu_ratios):>11.2f}")
 
 
 @contextlib.contextmanager
