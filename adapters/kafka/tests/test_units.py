@@ -313,3 +313,53 @@ def test_a_foreign_record_gets_a_positional_id_and_the_broker_timestamp() -> Non
     assert (topic, attempt, due) == ("orders", 1, 0.0)
 
 
+
+
+@pytest.mark.parametrize("seal_after", [0, 1, 2_000, 3_999, 4_000])
+async def test_a_batch_finishes_once_every_report_came_whichever_threads_serve_them(
+        seal_after: int) -> None:
+    # Reports served on two threads at once (the loop's poll and the poll thread's,
+    # for a moment), the batch sealed on the loop meanwhile: the count must neither
+    # lose a report nor finish the batch early.
+    import asyncio
+    import threading
+
+    from unibus_kafka._producer import _Batch
+
+    total = 4_000
+    batch = _Batch(asyncio.get_running_loop())
+    served = [0, 0]
+
+    def serve(side: int) -> None:
+        for i in range(total // 2):
+            batch.report(None, i)
+            served[side] += 1
+
+    threads = [threading.Thread(target=serve, args=(side,)) for side in (0, 1)]
+    for thread in threads:
+        thread.start()
+    while sum(served) < seal_after:
+        await asyncio.sleep(0)
+    batch.seal(total)
+    await asyncio.wait_for(batch.future, 10)
+    # Finished only after every report and the seal drew their number.
+    assert next(batch._count) == total + 2
+    for thread in threads:
+        thread.join()
+    assert not batch.errors
+
+
+async def test_a_batch_sealed_short_of_its_reports_waits_and_keeps_the_errors() -> None:
+    import asyncio
+
+    from unibus_kafka._producer import _Batch
+
+    batch = _Batch(asyncio.get_running_loop())
+    batch.report(None, 1)
+    batch.seal(3)
+    batch.report(None, 2)
+    await asyncio.sleep(0.01)
+    assert not batch.future.done()
+    batch.report(KafkaError(KafkaError._MSG_TIMED_OUT), 3)
+    await asyncio.wait_for(batch.future, 5)
+    assert [record for _, record in batch.errors] == [3]
