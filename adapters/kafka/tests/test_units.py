@@ -329,17 +329,20 @@ async def test_a_batch_finishes_once_every_report_came_whichever_threads_serve_t
     total = 4_000
     batch = _Batch(asyncio.get_running_loop())
     served = [0, 0]
+    reached = threading.Event()   # seal_after reports served
 
     def serve(side: int) -> None:
         for i in range(total // 2):
+            if sum(served) >= seal_after:
+                reached.set()
             batch.report(None, i)
             served[side] += 1
+        reached.set()
 
     threads = [threading.Thread(target=serve, args=(side,)) for side in (0, 1)]
     for thread in threads:
         thread.start()
-    while sum(served) < seal_after:
-        await asyncio.sleep(0)
+    await asyncio.to_thread(reached.wait)
     batch.seal(total)
     await asyncio.wait_for(batch.future, 10)
     # Finished only after every report and the seal drew their number.
