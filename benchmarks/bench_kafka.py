@@ -344,8 +344,9 @@ async def run(config: Config, rounds: int) -> None:
           f"{'min-max':>11}{'raw CPU':>9}{'unibus CPU':>12}{'CPU ratio':>11}")
     median = statistics.median
     for i, (name, *_) in enumerate(per_round[0]):
-        column = [[results[i][k] for results in per_round] for k in range(1, 5)]
-        raws, ubs, raw_cpu, ub_cpu = column
+        rows = [results[i] for results in per_round]
+        raws, ubs = [row[1] for row in rows], [row[2] for row in rows]
+        raw_cpu, ub_cpu = [row[3] for row in rows], [row[4] for row in rows]
         ratios = [u / r for r, u in zip(raws, ubs, strict=True)]
         cpu_ratios = [r / u for r, u in zip(raw_cpu, ub_cpu, strict=True)]
         print(f"{name:<36}{median(raws):>12,.0f}{median(ubs):>15,.0f}{median(ratios):>7.2f}"
