@@ -16,6 +16,7 @@ from unibus.errors import BrokerUnavailable, DeliveryLost, PublishFailed, Unibus
 from unibus.url import make_url
 from unibus_kafka._consumer import KafkaConsumer
 from unibus_kafka._url import parse_settings
+from unibus_kafka.adapter import KafkaAdapter
 
 pytestmark = pytest.mark.broker
 
@@ -129,6 +130,36 @@ async def test_many_concurrent_publishers_share_one_producer(kafka_url: str) -> 
         results = await asyncio.gather(*(bus.publish(topic, f"{i}".encode())
                                          for i in range(200)))
     assert len({m.id for m in results}) == 200
+
+
+async def test_the_loop_serves_reports_for_bulk_publishes_and_hands_lone_ones_back(
+        kafka_url: str) -> None:
+    # Bulk: the event loop serves the delivery reports (no GIL hand-off per report).
+    # A lone publish: the poll thread serves its report and wakes it at once.
+    topic = fresh("t")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.publish(topic, b"first")   # creates the topic
+        adapter = bus.adapter
+        assert isinstance(adapter, KafkaAdapter)
+        producer = adapter._producer
+        assert producer is not None
+
+        def loop_serves() -> bool:
+            return producer.loop_serves
+        bulk = asyncio.create_task(bus.publish_many(topic, [b"x" * 256] * 20_000))
+        await asyncio.sleep(0)   # the publish has queued its first records
+        assert loop_serves()
+        sent = await bulk
+        assert len(sent) == 20_000
+        # The loop's next tick (within a millisecond, well inside a lone publish's
+        # round trip) hands the reports back to the thread.
+        for i in range(20):
+            one = await bus.publish(topic, f"{i}".encode())
+            assert not loop_serves()
+            assert one.body == f"{i}".encode()
+        # Many lone publishes at once add up to a bulk one.
+        many = await asyncio.gather(*(bus.publish(topic, b"m") for _ in range(200)))
+        assert len({m.id for m in many}) == 200
 
 
 async def test_records_wait_in_the_driver_while_the_loop_has_no_room_and_keep_key_order(

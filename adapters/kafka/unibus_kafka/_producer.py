@@ -8,14 +8,17 @@ wrappers are not used.
 
 Who serves the reports:
 
-- while publish calls wait for theirs, the event loop itself: ``poll(0)`` (which
-  never blocks) every ``_SERVE_EVERY`` seconds, and once per ``_SERVE_PER`` records
-  a publish queues. confluent-kafka takes the GIL for every report it serves, so a
-  thread serving them while the loop is busy hands the GIL back and forth once per
-  report; served on the loop, that costs nothing (publishing 200,000 records:
-  ~190k → ~220k a second, end to end ~130k → ~145k);
-- otherwise a daemon thread, blocked in ``poll``, so that error reports and the
-  driver's log lines are served while nothing is published.
+- while publish calls wait for the reports of ``_LOOP_SERVES_FROM`` records or more,
+  the event loop itself: ``poll(0)`` (which never blocks) every ``_SERVE_EVERY``
+  seconds, and once per ``_SERVE_PER`` records a publish queues. confluent-kafka
+  takes the GIL for every report it serves, so a thread serving them while the loop
+  is busy hands the GIL back and forth once per report; served on the loop, that
+  costs nothing (publishing 200,000 records: ~190k → ~220k a second, end to end
+  ~130k → ~145k);
+- otherwise a daemon thread, blocked in ``poll``: a lone ``publish`` is woken as
+  soon as its report comes (not at the loop's next tick), and error reports and the
+  driver's log lines are served while nothing is published. The loop wakes the
+  thread when it hands the reports back.
 
 Both may serve at once for a moment (the thread finishing its ``poll`` as the loop
 takes over): a batch's count is safe from either side.
@@ -55,6 +58,8 @@ _ANY_PARTITION = -1
 _SERVE_EVERY = 0.001
 # ... and in between, once per this many records it queues.
 _SERVE_PER = 1024
+# ... once publishes wait for the reports of this many records at least.
+_LOOP_SERVES_FROM = 64
 
 
 class _Batch:
@@ -106,11 +111,13 @@ class Producer:
         self._stop = threading.Event()
         self._known_topics: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Publish calls waiting for reports; while there are any, the event loop serves
-        # the reports itself (``loop_serves`` tells the poll thread to keep off).
-        self._waiting = 0
+        # Records whose reports publish calls wait for; from _LOOP_SERVES_FROM on, the
+        # event loop serves the reports itself (``loop_serves`` tells the poll thread
+        # to keep off; ``_handback`` wakes it when the loop stops).
+        self._awaited = 0
         self._timer: asyncio.Handle | None = None
         self.loop_serves = False
+        self._handback = threading.Event()
         self.auth_error: Any = None
         self.fatal_error: Any = None
         self.last_error: Any = None
@@ -186,9 +193,10 @@ class Producer:
         while not stop.is_set():
             try:
                 if self.loop_serves:
-                    # Publishes are waiting: the loop serves the reports (GIL-free
-                    # hand-offs); this thread only keeps the admin client's logs moving.
-                    stop.wait(_POLL)
+                    # The loop serves the reports (no GIL hand-off per report); this
+                    # thread only keeps the admin client's log lines moving.
+                    self._handback.wait(_POLL)
+                    self._handback.clear()   # loop_serves is read again first
                 else:
                     producer.poll(_POLL)
                 admin.poll(0)   # serves the admin client's log lines
@@ -199,8 +207,9 @@ class Producer:
         """Serve the delivery reports on the event loop while publishes wait for them."""
         self._timer = None
         producer = self._producer
-        if producer is None or not self._waiting:
+        if producer is None or self._awaited < _LOOP_SERVES_FROM:
             self.loop_serves = False
+            self._handback.set()
             return
         try:
             producer.poll(0)
@@ -213,6 +222,7 @@ class Producer:
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stop.set()
+            self._handback.set()
             await asyncio.to_thread(thread.join)
         producer, self._producer = self._producer, None
         self._admin = None
@@ -309,7 +319,32 @@ class Producer:
         if self.fatal_error is not None:
             raise to_unibus(self.fatal_error, "the Kafka producer failed", self._scrub)
         await self.ensure_topics((topic,))
-        batch = _Batch(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop)
+        count = len(messages)
+        # Counted from the start: the first reports come while the rest is queued.
+        self._awaited += count
+        if self._awaited >= _LOOP_SERVES_FROM and self._timer is None:
+            self.loop_serves = True
+            self._timer = loop.call_soon(self._serve_reports)
+        try:
+            failure = await self._produce(producer, topic, messages, extra, batch)
+            await batch.future
+        finally:
+            self._awaited -= count
+        if batch.errors:
+            error, _ = batch.errors[0]
+            ids = tuple(record_id(record) for _, record in batch.errors)
+            raise to_unibus(error, f"publishing to {topic!r}", self._scrub,
+                            message_ids=ids)
+        if failure is not None:
+            raise failure
+
+    async def _produce(self, producer: Any, topic: str, messages: Sequence[Message],
+                       extra: list[tuple[str, str]] | None,
+                       batch: _Batch) -> UnibusError | None:
+        """Queue ``messages`` and seal ``batch`` with how many were queued; the error
+        that stopped it short, if any (what was queued is still reported)."""
         produce = producer.produce
         report = batch.report
         sent = 0
@@ -347,22 +382,7 @@ class Producer:
         except Exception as exc:
             failure = self._refused(exc, topic, messages[sent:])
         batch.seal(sent)
-        if not batch.future.done():
-            self._waiting += 1
-            self.loop_serves = True
-            if self._timer is None:
-                self._timer = asyncio.get_running_loop().call_soon(self._serve_reports)
-            try:
-                await batch.future
-            finally:
-                self._waiting -= 1
-        if batch.errors:
-            error, _ = batch.errors[0]
-            ids = tuple(record_id(record) for _, record in batch.errors)
-            raise to_unibus(error, f"publishing to {topic!r}", self._scrub,
-                            message_ids=ids)
-        if failure is not None:
-            raise failure
+        return failure
 
     def _refused(self, exc: Exception, topic: str, unsent: Sequence[Message]) -> UnibusError:
         ids = tuple(m.id for m in unsent)
