@@ -42,6 +42,26 @@ async def test_publish_many_confirms_every_message_and_a_group_gets_them_all(
     assert seen == {m.id for m in sent}
 
 
+async def test_a_delivered_record_sets_every_field_a_delivery_has(kafka_url: str) -> None:
+    # KafkaConsumer._take builds a plain record's delivery field by field (for speed):
+    # a field added to Delivery or KafkaDelivery must be set there too.
+    from unibus.message import Delivery
+    from unibus_kafka._consumer import KafkaDelivery
+
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish(topic, b"fields", key="k")
+        async with bus.subscribe(topic, group=group) as sub:
+            [delivery] = await sub.fetch(1, timeout=10)
+            assert type(delivery) is KafkaDelivery
+            for name in (*Delivery.__slots__, *KafkaDelivery.__slots__):
+                getattr(delivery, name)   # AttributeError if left unset
+            assert (delivery.topic, delivery.group, delivery.attempt) == (topic, group, 1)
+            assert delivery.message == sent
+            await delivery.ack()
+
+
 async def test_settling_after_close_raises_delivery_lost_and_the_group_gets_it_back(
         kafka_url: str) -> None:
     topic, group = fresh("t"), fresh("g")
