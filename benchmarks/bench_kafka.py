@@ -239,11 +239,9 @@ async def one_round(config: Config, bus: unibus.Bus, producer: Any, body: bytes,
         await work
         return time.perf_counter() - start, time.process_time() - cpu
 
-    def record(name: str, raw_t: Timing, ub_t: Timing) -> Result:
-        result = (name, rate(n, raw_t[0]), rate(n, ub_t[0]), raw_t[1] / n * 1e6,
-                  ub_t[1] / n * 1e6)
-        results.append(result)
-        return result
+    def record(name: str, raw_t: Timing, ub_t: Timing) -> None:
+        results.append((name, rate(n, raw_t[0]), rate(n, ub_t[0]), raw_t[1] / n * 1e6,
+                        ub_t[1] / n * 1e6))
 
     raw_topic, ub_topic = await declared("raw"), await declared("ub")
     raw_pub_t, ub_pub_t = await paired(

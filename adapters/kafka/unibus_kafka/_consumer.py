@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from unibus.capabilities import Capabilities
 from unibus.errors import DeliveryLost
-from unibus.message import _ACK, Delivery, Message
+from unibus.message import _ACK, Delivery, Message, _new
 from unibus.spi import Consumer
 from unibus_kafka._codec import (
     ATTEMPT,
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["KafkaConsumer", "KafkaDelivery"]
 
 _NO_RECORDS: list[Any] = []
-_new = object.__new__
 _NO_PARTS: Mapping[tuple[str, int], PartitionState] = MappingProxyType({})
 
 
@@ -79,7 +78,7 @@ class KafkaDelivery(Delivery):
                  message: Message | None, due: float = 0.0) -> None:
         # Delivery._setup, written out. KafkaConsumer._take writes this out once more
         # for a record of a subscribed topic (once per record): a field added here goes
-        # there too (test_units checks that both set the same fields).
+        # there too (a broker test checks that path sets every field).
         self._message = message
         self.topic = topic
         self.group = group

@@ -110,7 +110,6 @@ class Producer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._known_topics: set[str] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Records whose reports publish calls wait for; from _LOOP_SERVES_FROM on, the
         # event loop serves the reports itself (``loop_serves`` tells the poll thread
         # to keep off; ``_handback`` wakes it when the loop stops).
