@@ -145,15 +145,7 @@ class Raw:
         last: dict[tuple[str, int], int] = {}
         next_commit = time.monotonic() + 0.2
         while seen < count:
-            for record in consumer.consume(num_messages=500, timeout=0.1):
-                if record.error() is not None:
-                    continue
-                record.value()
-                name, partition, offset = record.topic(), record.partition(), record.offset()
-                if name is None or partition is None or offset is None:
-                    continue
-                last[(name, partition)] = offset
-                seen += 1
+            seen += read_records(consumer.consume(num_messages=500, timeout=0.1), last)
             if time.monotonic() >= next_commit and last:
                 consumer.commit(offsets=[TopicPartition(t, p, o + 1)
                                          for (t, p), o in last.items()], asynchronous=True)
@@ -161,6 +153,22 @@ class Raw:
         consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()],
                         asynchronous=False)
         consumer.close()
+
+
+def read_records(records: list[Any], last: dict[tuple[str, int], int]) -> int:
+    """Raw's work on a batch of records: read each value, keep each partition's last
+    offset (for the commit). Returns how many records were read (events skipped)."""
+    seen = 0
+    for record in records:
+        if record.error() is not None:
+            continue
+        record.value()
+        name, partition, offset = record.topic(), record.partition(), record.offset()
+        if name is None or partition is None or offset is None:
+            continue
+        last[(name, partition)] = offset
+        seen += 1
+    return seen
 
 
 class Unibus:

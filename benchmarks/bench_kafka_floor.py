@@ -1,0 +1,261 @@
+"""How close to raw confluent-kafka *any* adapter with unibus's API could come.
+
+Run::
+
+    uv run python -m benchmarks.bench_kafka_floor --url kafka://127.0.0.1:PORT
+    uv run python -m benchmarks.bench_kafka_floor        # starts its own broker container
+
+``bench_kafka.py`` compares the adapter with raw confluent-kafka. This one asks what
+the API alone costs, with none of the adapter's bookkeeping: the least work an adapter
+must do per message to keep unibus's model, timed beside the raw client in the same
+process, rounds interleaved. It does not use the adapter at all.
+
+Publishing (every delivery report awaited, ``acks=all``, idempotent, one warm producer):
+
+- ``raw``: ``produce`` of bare bodies with a delivery callback and ``poll(0)`` after
+  each, then ``flush`` (as ``bench_kafka.py``'s raw side);
+- ``API-shaped``: what unibus must do at least for ``publish_many`` of bodies — a
+  ``Message`` per body (its UUIDv7 id, its timestamp: the core's own bulk path), the
+  one ``unibus.msg`` header that carries the id and the exact timestamp (contract
+  property A6), a positional ``produce``, one callback counting the reports, ``poll``
+  once per 1,024 records, then ``flush``;
+- ``API-shaped, no header``: the same without the header (what A6 costs).
+
+Consuming, over the same records already in memory (taken once from the driver, the
+driver's cost timed apart):
+
+- ``raw loop``: ``bench_kafka.py``'s raw per-record work — ``value()``, topic,
+  partition, offset, the last offset kept for the commit;
+- ``API-shaped loop``: the least a unibus consumer does per record — a delivery object
+  (record, offset, its partition's log, outcome), ``delivery.body`` and
+  ``await delivery.ack()`` logging the offset for the commit; no prefetch accounting,
+  no revocation checks, no lanes;
+- ``driver``: the process CPU a record costs in ``consume(250)`` alone (the
+  driver's threads included), records dropped as they are read, which both sides pay.
+
+The consuming floor is ``(driver + raw loop) / (driver + API-shaped loop)``: what
+the ratio to raw would be if the adapter did nothing but what the API asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from confluent_kafka import Consumer
+
+from benchmarks.bench_kafka import Config, Raw, broker, fresh, read_records
+from unibus.message import Message
+from unibus.url import make_url
+from unibus_kafka._codec import META_HEADER, stamp
+from unibus_kafka._url import parse_settings
+
+_ANY_PARTITION = -1
+_SERVE_PER = 1024
+
+
+def create_topic(bootstrap: str, partitions: int) -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    name = fresh("floor")
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(name, num_partitions=partitions,
+                                                replication_factor=1)]).values():
+        future.result()
+    # Until every partition has a leader in the producer's metadata.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        topic = admin.list_topics(name, timeout=5).topics.get(name)
+        if topic is not None and topic.error is None and len(topic.partitions) == partitions \
+                and all(p.leader >= 0 for p in topic.partitions.values()):
+            return name
+        time.sleep(0.05)
+    raise RuntimeError(f"topic {name} did not appear in the metadata")
+
+
+def publish_shaped(producer: Any, topic: str, body: bytes, count: int, *, header: bool) -> None:
+    """The least work unibus's ``publish_many(topic, bodies)`` can do (module docstring)."""
+    reports = [0]
+    failed: list[Any] = []
+
+    def report(error: Any, _record: Any) -> None:
+        if error is not None:
+            failed.append(error)
+        reports[0] += 1
+
+    messages = Message._of_bodies([body] * count)
+    front = stamp(messages[0].timestamp_us)
+    produce = producer.produce
+    for sent, message in enumerate(messages, 1):
+        headers = [(META_HEADER, front + message.id.encode())] if header else None
+        while True:
+            try:
+                produce(topic, message.body, None, _ANY_PARTITION, report, None, 0, headers)
+                break
+            except BufferError:
+                producer.poll(0.001)
+        if not sent % _SERVE_PER:
+            producer.poll(0)
+    producer.flush()
+    if failed or reports[0] != count:
+        raise RuntimeError(f"{len(failed)} failed, {reports[0]} of {count} reported")
+
+
+class _Delivery:
+    """The least state a delivery carries: its record, offset, log and outcome."""
+
+    __slots__ = ("log", "offset", "outcome", "record")
+
+    record: Any
+    offset: int
+    log: list[int]
+    outcome: str | None
+
+    @property
+    def body(self) -> bytes:
+        value: bytes | None = self.record.value()
+        return b"" if value is None else value
+
+    async def ack(self) -> None:
+        if self.outcome is not None:
+            raise RuntimeError("settled twice")
+        self.outcome = "ack"
+        self.log.append(self.offset)
+
+
+def raw_loop(batches: list[list[Any]]) -> int:
+    """``bench_kafka.py``'s raw per-record work."""
+    last: dict[tuple[str, int], int] = {}
+    return sum(read_records(batch, last) for batch in batches)
+
+
+async def shaped_loop(batches: list[list[Any]]) -> int:
+    """The least per-record work of a unibus consumer: a delivery, its body, its ack."""
+    logs: dict[tuple[str, int], list[int]] = {}
+    new = object.__new__
+    seen = 0
+    for batch in batches:
+        out: list[_Delivery] = []
+        for record in batch:
+            if record.error() is not None:
+                continue
+            where = (record.topic(), record.partition())
+            log = logs.get(where)
+            if log is None:
+                log = logs[where] = []
+            delivery = new(_Delivery)
+            delivery.record = record
+            delivery.offset = record.offset()
+            delivery.log = log
+            delivery.outcome = None
+            out.append(delivery)
+        for delivery in out:
+            delivery.body  # noqa: B018 - read, as raw reads record.value()
+            await delivery.ack()
+            seen += 1
+    return seen
+
+
+def read(bootstrap: str, topic: str, count: int, *, keep: bool) -> tuple[list[list[Any]], float]:
+    """Every record of ``topic`` in batches of 250 (``keep``: returned, else dropped as
+    read), and the process CPU µs a record cost from the first record on (the group
+    join is not counted). Dropped as read, the records' memory is reused, as in a
+    consumer that keeps up: the driver's cost alone."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": fresh("floor"),
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "fetch.queue.backoff.ms": 20})
+    consumer.subscribe([topic])
+    kept: list[list[Any]] = []
+    got = 0
+    while not got:
+        batch = consumer.consume(num_messages=250, timeout=1.0)
+        got = len(batch)
+    if keep:
+        kept.append(batch)
+    first, cpu = got, time.process_time()
+    while got < count:
+        batch = consumer.consume(num_messages=250, timeout=1.0)
+        got += len(batch)
+        if keep:
+            kept.append(batch)
+    per_record = (time.process_time() - cpu) / (got - first) * 1e6
+    consumer.close()
+    return kept, per_record
+
+
+def cpu_us(work: Callable[[], object], count: int) -> tuple[float, float]:
+    """(msgs/s by the wall clock, process CPU µs a message) of ``work()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return count / (time.perf_counter() - wall), (time.process_time() - cpu) / count * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="kafka://HOST:PORT (default: start a container)")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--body-size", type=int, default=256)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    n = args.messages
+    body = os.urandom(args.body_size)
+    with broker(args.url) as url:
+        bootstrap = parse_settings(make_url(url)).bootstrap
+        config = Config(url=url, messages=n, body_size=args.body_size,
+                        partitions=args.partitions, batch=n, window=1, prefetch=250, fetch=250)
+        raw = Raw(config)
+        # bench_kafka.py's raw producer (idempotent, acks=all, linger 5 ms), warm.
+        producer = raw.warm_producer(create_topic(bootstrap, args.partitions))
+
+        publish: dict[str, list[tuple[float, float]]] = {
+            "raw": [], "API-shaped": [], "API-shaped, no header": []}
+        consume: dict[str, list[float]] = {"raw loop": [], "API-shaped loop": [], "driver": []}
+        for number in range(args.rounds):
+            phases: list[tuple[str, Callable[[str], object]]] = [
+                ("raw", partial(raw.publish, producer, body=body)),
+                ("API-shaped", partial(publish_shaped, producer, body=body, count=n,
+                                       header=True)),
+                ("API-shaped, no header", partial(publish_shaped, producer, body=body,
+                                                  count=n, header=False))]
+            if number % 2:
+                phases.reverse()   # against drift
+            topics: dict[str, str] = {}
+            for name, work in phases:
+                topics[name] = create_topic(bootstrap, args.partitions)
+                publish[name].append(cpu_us(partial(work, topics[name]), n))
+            consume["driver"].append(read(bootstrap, topics["API-shaped"], n, keep=False)[1])
+            batches = read(bootstrap, topics["API-shaped"], n, keep=True)[0]
+            for _ in range(3):   # best of three: the records are in memory, nothing waits
+                consume["raw loop"].append(cpu_us(partial(raw_loop, batches), n)[1])
+                consume["API-shaped loop"].append(
+                    cpu_us(partial(asyncio.run, shaped_loop(batches)), n)[1])
+            batches = []   # freed before the next round publishes
+            print(f"round {number + 1}: " + ", ".join(
+                f"{name} {rows[-1][0]:,.0f} msgs/s" for name, rows in publish.items()),
+                flush=True)
+
+    median = statistics.median
+    print(f"\nKafka floor: {n} messages of {args.body_size} bytes, {args.partitions} "
+          f"partitions, {args.rounds} rounds; medians; CPU = process CPU µs a message")
+    raw_rate = median(r for r, _ in publish["raw"])
+    raw_cpu = median(c for _, c in publish["raw"])
+    for name, rows in publish.items():
+        rate, cpu = median(r for r, _ in rows), median(c for _, c in rows)
+        print(f"publish {name:<24}{rate:>10,.0f} msgs/s  ratio {rate / raw_rate:.2f}  "
+              f"CPU {cpu:.2f}  CPU ratio {raw_cpu / cpu:.2f}")
+    driver = median(consume["driver"])
+    raw_us, shaped_us = min(consume["raw loop"]), min(consume["API-shaped loop"])
+    print(f"consume driver {driver:.2f} µs a record; raw loop {raw_us:.2f}, API-shaped "
+          f"loop {shaped_us:.2f}; floor (driver + raw) / (driver + API-shaped) "
+          f"{(driver + raw_us) / (driver + shaped_us):.2f}")
+
+
+if __name__ == "__main__":
+    main()
