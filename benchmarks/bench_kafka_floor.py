@@ -216,7 +216,7 @@ def main() -> None:
 
         publish: dict[str, list[tuple[float, float]]] = {
             "raw": [], "API-shaped": [], "API-shaped, no header": []}
-        consume: dict[str, list[float]] = {"raw loop": [], "API-shaped loop": [], "driver": []}
+        floors: list[tuple[float, float, float]] = []   # (driver, raw loop, API-shaped loop)
         for number in range(args.rounds):
             phases: list[tuple[str, Callable[[str], object]]] = [
                 ("raw", partial(raw.publish, producer, body=body)),
@@ -230,32 +230,43 @@ def main() -> None:
             for name, work in phases:
                 topics[name] = create_topic(bootstrap, args.partitions)
                 publish[name].append(cpu_us(partial(work, topics[name]), n))
-            consume["driver"].append(read(bootstrap, topics["API-shaped"], n, keep=False)[1])
+            driver = read(bootstrap, topics["API-shaped"], n, keep=False)[1]
             batches = read(bootstrap, topics["API-shaped"], n, keep=True)[0]
-            for _ in range(3):   # best of three: the records are in memory, nothing waits
-                consume["raw loop"].append(cpu_us(partial(raw_loop, batches), n)[1])
-                consume["API-shaped loop"].append(
-                    cpu_us(partial(asyncio.run, shaped_loop(batches)), n)[1])
+            # Best of three: the records are in memory, nothing waits but the CPU.
+            raw_us = min(cpu_us(partial(raw_loop, batches), n)[1] for _ in range(3))
+            shaped_us = min(cpu_us(partial(asyncio.run, shaped_loop(batches)), n)[1]
+                            for _ in range(3))
             batches = []   # freed before the next round publishes
+            floors.append((driver, raw_us, shaped_us))
             print(f"round {number + 1}: " + ", ".join(
-                f"{name} {rows[-1][0]:,.0f} msgs/s" for name, rows in publish.items()),
+                f"{name} {rows[-1][0]:,.0f} msgs/s" for name, rows in publish.items())
+                + f"; consuming floor {(driver + raw_us) / (driver + shaped_us):.2f}",
                 flush=True)
+    report(publish, floors, f"{n} messages of {args.body_size} bytes, {args.partitions} "
+                            f"partitions, {args.rounds} rounds")
 
+
+def report(publish: dict[str, list[tuple[float, float]]],
+           floors: list[tuple[float, float, float]], what: str) -> None:
+    """Medians of the rounds, and the median and range of each round's own ratio."""
     median = statistics.median
-    print(f"\nKafka floor: {n} messages of {args.body_size} bytes, {args.partitions} "
-          f"partitions, {args.rounds} rounds; medians; CPU = process CPU µs a message")
-    raw_rate = median(r for r, _ in publish["raw"])
-    raw_cpu = median(c for _, c in publish["raw"])
-    for name, rows in publish.items():
-        rate, cpu = median(r for r, _ in rows), median(c for _, c in rows)
-        print(f"publish {name:<24}{rate:>10,.0f} msgs/s  ratio {rate / raw_rate:.2f}  "
-              f"CPU {cpu:.2f}  CPU ratio {raw_cpu / cpu:.2f}")
-    driver = median(consume["driver"])
-    raw_us, shaped_us = min(consume["raw loop"]), min(consume["API-shaped loop"])
-    print(f"consume driver {driver:.2f} µs a record; raw loop {raw_us:.2f}, API-shaped "
-          f"loop {shaped_us:.2f}; floor (driver + raw) / (driver + API-shaped) "
-          f"{(driver + raw_us) / (driver + shaped_us):.2f}")
 
+    def spread(values: list[float]) -> str:
+        return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    print(f"\nKafka floor: {what}; medians, and per-round ratios as median (min-max); "
+          "CPU = process CPU µs a message")
+    raw_rows = publish["raw"]
+    for name, rows in publish.items():
+        rates = [rate / raw[0] for (rate, _), raw in zip(rows, raw_rows, strict=True)]
+        cpus = [raw[1] / cpu for (_, cpu), raw in zip(rows, raw_rows, strict=True)]
+        print(f"publish {name:<23}{median(r for r, _ in rows):>10,.0f} msgs/s  "
+              f"ratio {spread(rates)}  CPU {median(c for _, c in rows):.2f}  "
+              f"CPU ratio {spread(cpus)}")
+    print(f"consume: driver {median(f[0] for f in floors):.2f} µs a record, raw loop "
+          f"{median(f[1] for f in floors):.2f}, API-shaped loop "
+          f"{median(f[2] for f in floors):.2f}; floor (driver + raw loop) / (driver + "
+          f"API-shaped loop) {spread([(d + r) / (d + a) for d, r, a in floors])}")
 
 if __name__ == "__main__":
     main()

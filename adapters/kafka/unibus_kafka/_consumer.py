@@ -263,10 +263,13 @@ class KafkaConsumer(Consumer):
                 pos = 0
                 last_topic, last_partition = None, -1
                 continue
+            # At most `room` records looked at per pass: those skipped (events, revoked
+            # partitions, held lane records) leave room for another pass.
             end = min(len(run), pos + room)
-            while pos < end:
-                raw = run[pos]
-                pos += 1
+            chunk = run[pos:end]
+            pos = end
+            handed = len(out)
+            for raw in chunk:
                 if raw.error() is not None:   # an event, not a record
                     poller.on_error(raw.error())
                     continue
@@ -308,9 +311,11 @@ class KafkaConsumer(Consumer):
                         if due > now:
                             self._hold(delivery)
                             continue
-                unsettled.add(delivery)
                 out.append(delivery)
-                room -= 1
+            # Counted unsettled per pass, in one call, not one per record.
+            if len(out) > handed:
+                unsettled.update(out[handed:])
+                room -= len(out) - handed
         self._run, self._pos, self._run_parts = run, pos, parts
         if poller.revocations != revocations:
             # The drain served a revocation: what this fetch took of those partitions
