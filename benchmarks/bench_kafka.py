@@ -372,12 +372,19 @@ def broker(url: str | None) -> Iterator[str]:
         yield started.url
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every Kafka benchmark takes: the broker, the count,
+    the body size and the partitions."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", help="kafka://HOST:PORT (default: start a container)")
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--body-size", type=int, default=256)
     parser.add_argument("--partitions", type=int, default=4)
+    return parser
+
+
+def main() -> None:
+    parser = arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=2_000)

@@ -39,7 +39,6 @@ the ratio to raw would be if the adapter did nothing but what the API asks.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -50,7 +49,7 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from benchmarks.bench_kafka import Config, Raw, broker, fresh, read_records
+from benchmarks.bench_kafka import Config, Raw, arguments, broker, fresh, read_records
 from unibus.message import Message
 from unibus.url import make_url
 from unibus_kafka._codec import META_HEADER, stamp
@@ -197,11 +196,7 @@ def cpu_us(work: Callable[[], object], count: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="kafka://HOST:PORT (default: start a container)")
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--body-size", type=int, default=256)
-    parser.add_argument("--partitions", type=int, default=4)
+    parser = arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     n = args.messages
