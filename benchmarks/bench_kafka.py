@@ -123,18 +123,22 @@ class Raw:
         if failed:
             raise KafkaException(failed[0])
 
+    def consumer(self) -> Any:
+        """A consumer of a new group: manual commits, from the earliest offset."""
+        return Consumer({"bootstrap.servers": self.bootstrap, "group.id": fresh("raw"),
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "partition.assignment.strategy": "cooperative-sticky",
+                         # As unibus sets it: at librdkafka's 1 s default a consumer
+                         # past the prefetch thresholds (100,000 records a partition)
+                         # stands idle, and raw would look slower than it can be.
+                         "fetch.queue.backoff.ms": 20})
+
     def consume(self, topic: str, count: int, started: threading.Event | None = None) -> None:
         """Read (the value) and commit ``count`` records.
 
         ``started`` is set once the group has given this consumer its partitions.
         """
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": fresh("raw"),
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                             "partition.assignment.strategy": "cooperative-sticky",
-                             # As unibus sets it: at librdkafka's 1 s default a consumer
-                             # past the prefetch thresholds (100,000 records a partition)
-                             # stands idle, and raw would look slower than it can be.
-                             "fetch.queue.backoff.ms": 20})
+        consumer = self.consumer()
 
         def assigned(_consumer: Any, _partitions: Any) -> None:
             if started is not None:

@@ -47,35 +47,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer
-
+import unibus
 from benchmarks.bench_kafka import Config, Raw, arguments, broker, fresh, read_records
 from unibus.message import Message
 from unibus.url import make_url
 from unibus_kafka._codec import META_HEADER, stamp
-from unibus_kafka._url import parse_settings
 
 _ANY_PARTITION = -1
 _SERVE_PER = 1024
-
-
-def create_topic(bootstrap: str, partitions: int) -> str:
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-
-    name = fresh("floor")
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(name, num_partitions=partitions,
-                                                replication_factor=1)]).values():
-        future.result()
-    # Until every partition has a leader in the producer's metadata.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        topic = admin.list_topics(name, timeout=5).topics.get(name)
-        if topic is not None and topic.error is None and len(topic.partitions) == partitions \
-                and all(p.leader >= 0 for p in topic.partitions.values()):
-            return name
-        time.sleep(0.05)
-    raise RuntimeError(f"topic {name} did not appear in the metadata")
 
 
 def publish_shaped(producer: Any, topic: str, body: bytes, count: int, *, header: bool) -> None:
@@ -161,14 +140,12 @@ async def shaped_loop(batches: list[list[Any]]) -> int:
     return seen
 
 
-def read(bootstrap: str, topic: str, count: int, *, keep: bool) -> tuple[list[list[Any]], float]:
+def read(raw: Raw, topic: str, count: int, *, keep: bool) -> tuple[list[list[Any]], float]:
     """Every record of ``topic`` in batches of 250 (``keep``: returned, else dropped as
     read), and the process CPU µs a record cost from the first record on (the group
     join is not counted). Dropped as read, the records' memory is reused, as in a
     consumer that keeps up: the driver's cost alone."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": fresh("floor"),
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                         "fetch.queue.backoff.ms": 20})
+    consumer = raw.consumer()
     consumer.subscribe([topic])
     kept: list[list[Any]] = []
     got = 0
@@ -199,20 +176,33 @@ def main() -> None:
     parser = arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    n = args.messages
-    body = os.urandom(args.body_size)
     with broker(args.url) as url:
-        bootstrap = parse_settings(make_url(url)).bootstrap
-        config = Config(url=url, messages=n, body_size=args.body_size,
-                        partitions=args.partitions, batch=n, window=1, prefetch=250, fetch=250)
-        raw = Raw(config)
-        # bench_kafka.py's raw producer (idempotent, acks=all, linger 5 ms), warm.
-        producer = raw.warm_producer(create_topic(bootstrap, args.partitions))
+        target = make_url(url).with_query(partitions=str(args.partitions))
+        config = Config(url=str(target.render(hide_password=False)), messages=args.messages,
+                        body_size=args.body_size, partitions=args.partitions,
+                        batch=args.messages, window=1, prefetch=250, fetch=250)
+        asyncio.run(measure(config, args.rounds))
 
+
+async def measure(config: Config, rounds: int) -> None:
+    """Every round; the raw work runs on the event loop itself (nothing else does)."""
+    n = config.messages
+    body = os.urandom(config.body_size)
+    raw = Raw(config)
+    async with unibus.connect(config.url) as bus:
+
+        async def topic() -> str:
+            # Created by unibus, with the partitions asked, as bench_kafka.py does.
+            name = fresh("floor")
+            await bus.adapter.declare_group(name, "unused")
+            return name
+
+        # bench_kafka.py's raw producer (idempotent, acks=all, linger 5 ms), warm.
+        producer = raw.warm_producer(await topic())
         publish: dict[str, list[tuple[float, float]]] = {
             "raw": [], "API-shaped": [], "API-shaped, no header": []}
         floors: list[tuple[float, float, float]] = []   # (driver, raw loop, API-shaped loop)
-        for number in range(args.rounds):
+        for number in range(rounds):
             phases: list[tuple[str, Callable[[str], object]]] = [
                 ("raw", partial(raw.publish, producer, body=body)),
                 ("API-shaped", partial(publish_shaped, producer, body=body, count=n,
@@ -223,22 +213,26 @@ def main() -> None:
                 phases.reverse()   # against drift
             topics: dict[str, str] = {}
             for name, work in phases:
-                topics[name] = create_topic(bootstrap, args.partitions)
+                topics[name] = await topic()
                 publish[name].append(cpu_us(partial(work, topics[name]), n))
-            driver = read(bootstrap, topics["API-shaped"], n, keep=False)[1]
-            batches = read(bootstrap, topics["API-shaped"], n, keep=True)[0]
+            driver = read(raw, topics["API-shaped"], n, keep=False)[1]
+            batches = read(raw, topics["API-shaped"], n, keep=True)[0]
             # Best of three: the records are in memory, nothing waits but the CPU.
             raw_us = min(cpu_us(partial(raw_loop, batches), n)[1] for _ in range(3))
-            shaped_us = min(cpu_us(partial(asyncio.run, shaped_loop(batches)), n)[1]
-                            for _ in range(3))
+            shaped: list[float] = []
+            for _ in range(3):
+                cpu = time.process_time()
+                await shaped_loop(batches)
+                shaped.append((time.process_time() - cpu) / n * 1e6)
+            shaped_us = min(shaped)
             batches = []   # freed before the next round publishes
             floors.append((driver, raw_us, shaped_us))
             print(f"round {number + 1}: " + ", ".join(
                 f"{name} {rows[-1][0]:,.0f} msgs/s" for name, rows in publish.items())
                 + f"; consuming floor {(driver + raw_us) / (driver + shaped_us):.2f}",
                 flush=True)
-    report(publish, floors, f"{n} messages of {args.body_size} bytes, {args.partitions} "
-                            f"partitions, {args.rounds} rounds")
+    report(publish, floors, f"{n} messages of {config.body_size} bytes, "
+                            f"{config.partitions} partitions, {rounds} rounds")
 
 
 def report(publish: dict[str, list[tuple[float, float]]],

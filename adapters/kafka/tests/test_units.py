@@ -313,8 +313,6 @@ def test_a_foreign_record_gets_a_positional_id_and_the_broker_timestamp() -> Non
     assert (topic, attempt, due) == ("orders", 1, 0.0)
 
 
-
-
 @pytest.mark.parametrize("seal_after", [0, 1, 2_000, 3_999, 4_000])
 async def test_a_batch_finishes_once_every_report_came_whichever_threads_serve_them(
         seal_after: int) -> None:
