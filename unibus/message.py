@@ -181,6 +181,9 @@ class Message:
         def key(self) -> str | None: ...
         @property
         def headers(self) -> Mapping[str, str]: ...
+        @property
+        def timestamp_us(self) -> int:
+            """``timestamp`` as integer microseconds since the epoch, exactly."""
 
     def __init__(self, body: bytes, id: str | None = None, key: str | None = None,
                  headers: Mapping[str, str] | None = None,
@@ -271,11 +274,6 @@ class Message:
             at = self._at = _EPOCH + timedelta(microseconds=self._us)
         return at
 
-    @property
-    def timestamp_us(self) -> int:
-        """``timestamp`` as integer microseconds since the epoch, exactly."""
-        return self._us
-
     def replace(self, *, body: bytes | None = None, id: str | None = None,
                 key: str | _Keep | None = _KEEP, headers: Mapping[str, str] | None = None,
                 timestamp: datetime | None = None) -> Message:
@@ -311,14 +309,15 @@ class Message:
 _new = object.__new__
 
 
-def _read_only(name: str) -> property:
-    """A property reading the private slot of field ``name``, refusing to change it."""
+def _read_only(name: str, slot: str = "", doc: str = "") -> property:
+    """A property reading the private slot of field ``name`` (``_<name>`` unless
+    ``slot`` says), refusing to change it."""
     def refuse(message: Message, value: object = None) -> None:
         raise FrozenInstanceError(f"Message is immutable: cannot change {name!r}; "
                                   "use message.replace(...)")
     # attrgetter reads in C: these are read once or more per message on every path.
-    return property(attrgetter("_" + name), refuse, refuse,
-                    f"The message's {name} (read-only).")
+    return property(attrgetter(slot or "_" + name), refuse, refuse,
+                    doc or f"The message's {name} (read-only).")
 
 
 if not TYPE_CHECKING:
@@ -326,6 +325,9 @@ if not TYPE_CHECKING:
     Message.id = _read_only("id")
     Message.key = _read_only("key")
     Message.headers = _read_only("headers")
+    Message.timestamp_us = _read_only(
+        "timestamp_us", "_us", "``timestamp`` as integer microseconds since the epoch, "
+        "exactly (read-only).")
 
 
 def _coerce_body(body: object) -> bytes:

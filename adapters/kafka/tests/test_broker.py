@@ -43,8 +43,9 @@ async def test_publish_many_confirms_every_message_and_a_group_gets_them_all(
 
 
 async def test_a_delivered_record_sets_every_field_a_delivery_has(kafka_url: str) -> None:
-    # KafkaConsumer._take builds a plain record's delivery field by field (for speed):
-    # a field added to Delivery or KafkaDelivery must be set there too.
+    # KafkaConsumer._take builds a plain record's delivery field by field (for speed),
+    # the rest coming from its class and its partition's state: a field added to
+    # Delivery or KafkaDelivery must be set or provided there too.
     from unibus.message import Delivery
     from unibus_kafka._consumer import KafkaDelivery
 
@@ -54,10 +55,12 @@ async def test_a_delivered_record_sets_every_field_a_delivery_has(kafka_url: str
         sent = await bus.publish(topic, b"fields", key="k")
         async with bus.subscribe(topic, group=group) as sub:
             [delivery] = await sub.fetch(1, timeout=10)
-            assert type(delivery) is KafkaDelivery
+            assert isinstance(delivery, KafkaDelivery)
             for name in (*Delivery.__slots__, *KafkaDelivery.__slots__):
                 getattr(delivery, name)   # AttributeError if left unset
-            assert (delivery.topic, delivery.group, delivery.attempt) == (topic, group, 1)
+            assert (delivery.topic, delivery.group, delivery.attempt, delivery.due) == (
+                topic, group, 1, 0.0)
+            assert delivery._consumer is sub._consumer
             assert delivery.message == sent
             await delivery.ack()
 

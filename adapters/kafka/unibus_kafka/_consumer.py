@@ -13,11 +13,16 @@ dead-letter topic first when one is configured.
 
 The hot path does the least Python work per record it can: one loop per record
 splits a batch by partition as it goes; a record of a subscribed topic itself
-becomes a :class:`KafkaDelivery` from its offset alone (only the lanes' records are
-read for bookkeeping headers: delayed publishes wait in the topic's delay lane) and
+becomes a delivery from its offset alone (only the lanes' records are read for
+bookkeeping headers: delayed publishes wait in the topic's delay lane), with five
+fields of its own — its topic, group and consumer are its partition state's — and
 decodes its message only when it is read; ``KafkaDelivery.ack`` settles in one
-coroutine with a set removal and a list append; no task and no thread hop per
-record.
+coroutine with a list append and a counter; no task and no thread hop per record.
+
+A subscription's prefetch counts its unsettled deliveries per partition
+(``PartitionState.open``): a delivery of a revoked partition stops counting with it,
+and settling it raises ``DeliveryLost`` because its state says revoked — closing
+the consumer marks its partitions' states so too.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from unibus.capabilities import Capabilities
 from unibus.errors import DeliveryLost
@@ -76,9 +82,10 @@ class KafkaDelivery(Delivery):
     def __init__(self, record: Any, state: PartitionState, offset: int, topic: str,
                  group: str | None, attempt: int, consumer: KafkaConsumer,
                  message: Message | None, due: float = 0.0) -> None:
-        # Delivery._setup, written out. KafkaConsumer._take writes this out once more
-        # for a record of a subscribed topic (once per record): a field added here goes
-        # there too (a broker test checks that path sets every field).
+        # Delivery._setup, written out. KafkaConsumer._take makes a _Plain delivery for
+        # a record of a subscribed topic (once per record) with the fields that are not
+        # its class's or its state's: a field added here goes there too (a broker test
+        # checks that path sets every field).
         self._message = message
         self.topic = topic
         self.group = group
@@ -105,17 +112,51 @@ class KafkaDelivery(Delivery):
     async def ack(self) -> None:
         """Confirm the message (see :meth:`unibus.Delivery.ack`).
 
-        Settled here, without the consumer's own coroutine: this runs once per record.
+        Settled here, without the consumer's own coroutine: this runs once per record
+        (``KafkaConsumer.settle``, written out).
 
         Raises:
             AlreadySettled: The delivery was settled before.
             DeliveryLost: The partition was revoked or the consumer closed.
         """
-        if self.outcome is None:
-            self.outcome = _ACK
-        else:
+        state = self.state
+        if self.outcome is not None or state.revoked:
             self._settle(_ACK)   # raises AlreadySettled
-        self._consumer.settle_ack(self)  # type: ignore[attr-defined]  # a KafkaConsumer
+            _lost(self)          # revoked: raises DeliveryLost
+        self.outcome = _ACK
+        state.settled(self.offset)
+        state.open -= 1
+        consumer = state.owner   # a state records come with always has its consumer
+        if consumer._waiter is not None:  # type: ignore[union-attr]
+            consumer._wake()  # type: ignore[union-attr]
+
+
+class _Plain(KafkaDelivery):
+    """A record of a subscribed topic itself, delivered as it came: first attempt,
+    never held. Its topic, group and consumer are its partition state's, read when
+    asked for; it sets only ``token``, ``state``, ``offset``, ``outcome`` and
+    ``_message`` of its own (``KafkaConsumer._take``, once per record)."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:
+        attempt = 1
+        due = 0.0
+        topic = property(attrgetter("state.topic"))
+        group = property(attrgetter("state.group"))
+        _consumer = property(attrgetter("state.owner"))
+
+    @property
+    def body(self) -> bytes:
+        """The message body (read without decoding the rest of the message)."""
+        value: bytes | None = self.token.value()
+        return b"" if value is None else value
+
+
+def _lost(delivery: Delivery) -> NoReturn:
+    raise DeliveryLost(
+        f"message {delivery.id} can no longer be settled: its partition was revoked or "
+        "its consumer closed; the group redelivers it")
 
 
 class KafkaConsumer(Consumer):
@@ -140,11 +181,10 @@ class KafkaConsumer(Consumer):
         self._held: list[tuple[float, int, KafkaDelivery]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
-        self._unsettled: set[KafkaDelivery] = set()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._poller = Poller(settings=settings, scrub=scrub, group=group, lanes=lanes,
-                              waiting=lambda: self._waiter is not None, wake=self._wake,
+                              owner=self, waiting=lambda: self._waiter is not None, wake=self._wake,
                               forget_revoked=self._forget_revoked)
         self._inbox = self._poller.inbox
         # The batch of records being handed out, the position of the next one, and
@@ -169,11 +209,14 @@ class KafkaConsumer(Consumer):
             waiter.set_result(None)
 
     def _forget_revoked(self) -> None:
-        self._unsettled = {d for d in self._unsettled if not d.state.revoked}
         self._ready = deque(d for d in self._ready if not d.state.revoked)
         self._held = [h for h in self._held if not h[2].state.revoked]
         heapq.heapify(self._held)
         self._wake()
+
+    def _open(self) -> int:
+        """How many deliveries are handed out and not settled (of partitions still owned)."""
+        return sum(s.open for s in self._poller.parts.values() if not s.revoked)
 
     def _pending(self) -> bool:
         return bool(self._inbox or self._ready or self._pos < len(self._run))
@@ -196,12 +239,13 @@ class KafkaConsumer(Consumer):
             if remaining is not None and remaining <= 0:
                 return []
             self._waiter = waiter = loop.create_future()
-            if len(self._unsettled) < self._prefetch:
+            room = self._prefetch - self._open()
+            if room > 0:
                 if self._pending():
                     self._waiter = None   # a batch landed while this waiter was not visible
                     continue
                 # The thread waits for records on the driver, as many as there is room for.
-                self._poller.want(self._prefetch - len(self._unsettled))
+                self._poller.want(room)
             try:
                 if remaining is None:
                     await waiter
@@ -217,8 +261,7 @@ class KafkaConsumer(Consumer):
     def _take(self, max_count: int) -> list[KafkaDelivery]:
         # This runs once per fetched batch and loops once per record: it is written for
         # speed. A record of a subscribed topic becomes a delivery without decoding.
-        unsettled = self._unsettled
-        room = min(max_count, self._prefetch - len(unsettled))
+        room = min(max_count, self._prefetch - self._open())
         if room <= 0:
             return []
         out: list[KafkaDelivery] = []
@@ -227,7 +270,7 @@ class KafkaConsumer(Consumer):
             delivery = ready.popleft()
             if delivery.state.revoked:
                 continue
-            unsettled.add(delivery)
+            delivery.state.open += 1
             out.append(delivery)
             room -= 1
         group = self._group
@@ -242,10 +285,11 @@ class KafkaConsumer(Consumer):
         last_topic: str | None = None
         last_partition = -1
         state: PartitionState | None = None
-        topic = ""
         fetched: Callable[[int], None]   # set with each state
         new = _new
         plain = True
+        # Deliveries before this index in `out` are counted open in their state already.
+        counted = len(out)
         while room > 0:
             if pos >= len(run):
                 if not inbox and not drained:
@@ -276,12 +320,15 @@ class KafkaConsumer(Consumer):
                 partition = raw.partition()
                 name = raw.topic()
                 if partition != last_partition or name != last_topic:
+                    if state is not None:
+                        state.open += len(out) - counted
+                    counted = len(out)
                     last_topic, last_partition = name, partition
                     state = parts.get((name, partition))
                     if state is None or state.revoked:
                         state = None   # its records die with the assignment they came in
                         continue
-                    topic, plain = state.topic, state.plain
+                    plain = state.plain
                     fetched = state.fetched
                 elif state is None:
                     continue
@@ -291,17 +338,12 @@ class KafkaConsumer(Consumer):
                     # A record of the topic itself: delivered as it came, decoded when read.
                     # KafkaDelivery(raw, state, offset, topic, group, 1, self, None),
                     # written out: without the call, in ~60 % of its time.
-                    delivery = new(KafkaDelivery)
+                    delivery = new(_Plain)
                     delivery._message = None
-                    delivery.topic = topic
-                    delivery.group = group
-                    delivery.attempt = 1
                     delivery.token = raw
                     delivery.outcome = None
-                    delivery._consumer = self
                     delivery.state = state
                     delivery.offset = offset
-                    delivery.due = 0.0
                 else:   # a lane's record: its bookkeeping headers say when and as what
                     message, origin, attempt, due = decode(raw)
                     delivery = KafkaDelivery(raw, state, offset, origin, group, attempt, self,
@@ -312,10 +354,11 @@ class KafkaConsumer(Consumer):
                             self._hold(delivery)
                             continue
                 out.append(delivery)
-            # Counted unsettled per pass, in one call, not one per record.
-            if len(out) > handed:
-                unsettled.update(out[handed:])
-                room -= len(out) - handed
+            # Counted open per pass and partition, not once per record.
+            if state is not None:
+                state.open += len(out) - counted
+            counted = len(out)
+            room -= len(out) - handed
         self._run, self._pos, self._run_parts = run, pos, parts
         if poller.revocations != revocations:
             # The drain served a revocation: what this fetch took of those partitions
@@ -348,50 +391,29 @@ class KafkaConsumer(Consumer):
         if self._ready:
             self._wake()
 
-    def _release(self, delivery: Delivery) -> KafkaDelivery:
-        try:
-            self._unsettled.remove(delivery)  # type: ignore[arg-type]
-        except KeyError:
-            raise DeliveryLost(
-                f"message {delivery.id} can no longer be settled: its partition was "
-                "revoked or its consumer closed; the group redelivers it") from None
-        assert isinstance(delivery, KafkaDelivery)
-        return delivery
-
-    def _settle(self, delivery: KafkaDelivery) -> None:
-        state = delivery.state
-        if not state.revoked:
-            state.settled(delivery.offset)
-        if self._waiter is not None:
-            self._wake()
-
-    async def ack(self, delivery: Delivery) -> None:
-        """Settle as done; committed once every earlier offset is settled too.
+    def settle(self, delivery: KafkaDelivery) -> None:
+        """Log ``delivery`` settled (committed once every earlier offset is settled too).
 
         Raises:
             DeliveryLost: The partition was revoked or the consumer closed.
         """
-        self.settle_ack(cast(KafkaDelivery, delivery))   # only this consumer's deliveries
-
-    def settle_ack(self, delivery: KafkaDelivery) -> None:
-        """What ``ack`` does, synchronously (:meth:`KafkaDelivery.ack` calls it).
-
-        Raises:
-            DeliveryLost: The partition was revoked or the consumer closed.
-        """
-        # _settle(_release(delivery)), written out: this runs once per delivery.
-        try:
-            self._unsettled.remove(delivery)
-        except KeyError:
-            self._release(delivery)   # raises DeliveryLost
         state = delivery.state
         if state.revoked:
             # Taken away before this settlement: not committed here, the partition's
             # next owner gets the message.
-            self._release(delivery)   # no longer unsettled: raises DeliveryLost
+            _lost(delivery)
         state.settled(delivery.offset)
+        state.open -= 1
         if self._waiter is not None:
             self._wake()
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Settle as done (what :meth:`KafkaDelivery.ack` does).
+
+        Raises:
+            DeliveryLost: The partition was revoked or the consumer closed.
+        """
+        self.settle(cast(KafkaDelivery, delivery))   # only this consumer's deliveries
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         """Redeliver no sooner than ``delay`` s, through the group's retry lane.
@@ -400,21 +422,21 @@ class KafkaConsumer(Consumer):
             DeliveryLost: The partition was revoked or the consumer closed.
             PublishFailed: The retry lane did not accept the message.
         """
-        if delivery not in self._unsettled:
-            self._release(delivery)   # raises DeliveryLost
+        held = cast(KafkaDelivery, delivery)   # only this consumer's deliveries
+        if held.state.revoked:
+            _lost(held)
         due_us = time.time_ns() // 1000 + int(delay * 1_000_000)
         if self._group is None:
             # An ephemeral subscription dies with its consumer: redeliver from memory.
-            held = self._release(delivery)
+            held.state.open -= 1
             self._hold(KafkaDelivery(held.token, held.state, held.offset, held.topic, None,
                                      held.attempt + 1, self, held.message,
                                      due_us / 1_000_000))
             return
-        extra = [(ATTEMPT, str(delivery.attempt + 1)), (DUE, str(due_us)),
-                 (ORIGIN, delivery.topic)]
-        await self._producer.publish(self._retry_topics[delivery.topic], (delivery.message,),
+        extra = [(ATTEMPT, str(held.attempt + 1)), (DUE, str(due_us)), (ORIGIN, held.topic)]
+        await self._producer.publish(self._retry_topics[held.topic], (held.message,),
                                      extra=extra)
-        self._settle(self._release(delivery))
+        self.settle(held)
 
     async def reject(self, delivery: Delivery) -> None:
         """Drop for good; publish to the dead-letter topic first when configured.
@@ -423,18 +445,20 @@ class KafkaConsumer(Consumer):
             DeliveryLost: The partition was revoked or the consumer closed.
             PublishFailed: The dead-letter topic did not accept the message.
         """
-        if delivery not in self._unsettled:
-            self._release(delivery)   # raises DeliveryLost
+        rejected = cast(KafkaDelivery, delivery)   # only this consumer's deliveries
+        if rejected.state.revoked:
+            _lost(rejected)
         if self._dead_letter is not None:
-            await self._producer.publish(self._dead_letter, (delivery.message,))
-        self._settle(self._release(delivery))
+            await self._producer.publish(self._dead_letter, (rejected.message,))
+        self.settle(rejected)
 
     async def aclose(self) -> None:
         """Commit what is settled, leave the group; unsettled deliveries return to it."""
         if self._closed:
             return
         self._closed = True
-        self._unsettled.clear()
+        # Its deliveries can no longer be settled: their partitions go back to the group.
+        self._poller.freeze_all()
         self._ready.clear()
         self._held.clear()
         self._run, self._pos, self._run_parts = _NO_RECORDS, 0, _NO_PARTS

@@ -9,7 +9,8 @@ consumer (see :mod:`unibus_kafka._poller`) calls :meth:`PartitionState.advance`
 before it commits: that folds the settled log into ``commit_to`` — in bulk, with
 one slice comparison when messages were settled in the order they came (the usual
 case), offset by offset otherwise. The driving side also writes ``committed`` and
-``revoked`` (a flag set once, when the partition is taken away).
+``revoked`` (a flag set once, when the partition is taken away; the loop sets it
+too when its consumer closes).
 
 The loop only ever appends to the two logs; ``advance`` only removes from their
 fronts what it has read, under the driver's lock. Each list operation is atomic
@@ -19,6 +20,10 @@ under the GIL, so the two sides need no lock between them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unibus_kafka._consumer import KafkaConsumer
 
 __all__ = ["PartitionState"]
 
@@ -39,11 +44,17 @@ class PartitionState:
         partition: The partition number.
         plain: Whether this is a partition of a subscribed topic itself (not of a lane):
             its records are delivered as they come, first attempt, never held.
-        revoked: Set when the partition was revoked or lost; its deliveries can no
-            longer be settled, and a new assignment gets a new state.
+        group: The consumer group, or ``None`` for an ephemeral subscription.
+        owner: The subscription's consumer (its plain deliveries' ``topic``, ``group``
+            and consumer are read from here rather than stored in each).
+        revoked: Set when the partition was revoked or lost, or its consumer closed;
+            its deliveries can no longer be settled, and a new assignment gets a new
+            state.
         commit_to: The offset to commit (the next one to read), or -1 for none yet;
             current as of the last :meth:`advance`.
         committed: The last offset sent in a commit, or -1.
+        open: How many of its deliveries the event loop handed out and has not settled
+            (a subscription's prefetch counts them; the loop alone reads and writes it).
         fetched: Record an offset handed out (offsets come in increasing order).
         settled: Record a settled offset (each handed-out offset at most once).
             Both do nothing for a partition whose offsets are never committed (an
@@ -51,14 +62,18 @@ class PartitionState:
     """
 
     __slots__ = ("_acked", "_ahead", "_head", "_log", "commit_to", "committed", "fetched",
-                 "partition", "plain", "revoked", "settled", "topic")
+                 "group", "open", "owner", "partition", "plain", "revoked", "settled", "topic")
 
     def __init__(self, topic: str, partition: int, *, plain: bool = True,
-                 tracked: bool = True) -> None:
+                 tracked: bool = True, group: str | None = None,
+                 owner: KafkaConsumer | None = None) -> None:
         self.topic = topic
+        self.group = group
+        self.owner = owner
         self.partition = partition
         self.plain = plain
         self.revoked = False
+        self.open = 0
         self.commit_to = -1
         self.committed = -1
         # Offsets handed out, in order; those before _head are behind the commit point.

@@ -50,7 +50,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unibus.errors import BrokerError, UnibusError
@@ -58,6 +58,7 @@ from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
 from unibus_kafka._offsets import PartitionState
 
 if TYPE_CHECKING:
+    from unibus_kafka._consumer import KafkaConsumer
     from unibus_kafka._producer import Producer
     from unibus_kafka._url import Settings
 
@@ -87,12 +88,13 @@ class Poller:
     """
 
     def __init__(self, *, settings: Settings, scrub: Scrubber, group: str | None,
-                 lanes: Sequence[str], waiting: Callable[[], bool], wake: Callable[[], None],
-                 forget_revoked: Callable[[], None]) -> None:
+                 lanes: Sequence[str], owner: KafkaConsumer, waiting: Callable[[], bool],
+                 wake: Callable[[], None], forget_revoked: Callable[[], None]) -> None:
         self._settings = settings
         self._scrub = scrub
         self._group = group
         self._lanes = frozenset(lanes)
+        self._owner = owner              # set in each partition's state
         self._waiting = waiting          # whether a fetch waits (read from the thread)
         self._wake = wake                # run on the loop: wakes a waiting fetch
         self._forget_revoked = forget_revoked
@@ -336,7 +338,8 @@ class Poller:
     def _state(self, topic: str, partition: int) -> PartitionState:
         # An ephemeral subscription commits nothing: its states log no offsets.
         return PartitionState(topic, partition, plain=topic not in self._lanes,
-                              tracked=self._group is not None)
+                              tracked=self._group is not None, group=self._group,
+                              owner=self._owner)
 
     def _mark_assigned(self) -> None:
         if not self._assigned.done():
@@ -371,6 +374,18 @@ class Poller:
             state.revoked = True
         if states:
             self.revocations += 1
+
+    @property
+    def parts(self) -> Mapping[tuple[str, int], PartitionState]:
+        """The states of the partitions assigned now (a mapping replaced, never changed,
+        when partitions come and go)."""
+        return self._parts
+
+    def freeze_all(self) -> None:
+        """Mark every assigned partition's state revoked (the consumer closes): their
+        deliveries can no longer be settled. What is settled is committed at close."""
+        for state in self._parts.values():
+            state.revoked = True
 
     def _drop(self, states: list[PartitionState]) -> None:
         """Forget frozen ``states``; the loop drops what it holds of them."""
