@@ -27,6 +27,10 @@ Each run, for N messages of ``--body-size`` random bytes:
    the CLI's resumable runs have.
 
 Prints each run and the ratio migrate / min(raw source consume, raw target publish).
+For a Kafka target it also times raw publishing records that carry the two headers a
+migrated record carries there (``unibus.msg``: the id and timestamp; and
+``unibus-original-timestamp``, which ``migrate`` promises), made before its clock
+starts, and prints the ratio to that (``dst +headers``).
 """
 
 from __future__ import annotations
@@ -40,15 +44,21 @@ import time
 import uuid
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
-from math import nan
+from math import isnan, nan
 from pathlib import Path
 
 import aio_pika
 
 import unibus
 from benchmarks import bench_kafka, bench_nats, bench_rabbitmq
-from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP, DEFAULT_WINDOW
+from unibus.migrate import (
+    DEFAULT_BATCH,
+    DEFAULT_GROUP,
+    DEFAULT_WINDOW,
+    ORIGINAL_TIMESTAMP_HEADER,
+)
 from unibus.url import make_url
+from unibus_kafka._codec import META_HEADER, meta
 
 NAMES = ("memory", "rabbitmq", "kafka", "nats")
 ALL_PAIRS = [("rabbitmq", "kafka"), ("kafka", "nats"), ("nats", "rabbitmq"),
@@ -100,8 +110,11 @@ class Brokers:
 
 
 async def raw_rates(side: Side, count: int, body_size: int, *,
-                    consume: bool) -> tuple[float, float]:
-    """The raw client's publish rate, then (or NaN) its consume rate of what it published."""
+                    consume: bool) -> tuple[float, float, float]:
+    """The raw client's publish rate, then (or NaN) its consume rate of what it published,
+    then (Kafka only, else NaN) its publish rate of records with the headers a migrated
+    record carries on Kafka (``unibus.msg`` and ``unibus-original-timestamp``, made
+    before the clock starts)."""
     bodies = [os.urandom(body_size) for _ in range(count)]
     if side.kind == "rabbitmq":
         cfg = bench_rabbitmq.Config(side.url, count, body_size, window=1024, prefetch=256,
@@ -115,7 +128,7 @@ async def raw_rates(side: Side, count: int, body_size: int, *,
             consumed = await timed(raw.consume(queue, count)) if consume else nan
         finally:
             await conn.close()
-        return count / published, count / consumed
+        return count / published, count / consumed, nan
     if side.kind == "kafka":
         config = bench_kafka.Config(url=side.url, messages=count, body_size=body_size,
                                     partitions=4, batch=FILL_BATCH, window=4, prefetch=2_000,
@@ -129,14 +142,24 @@ async def raw_rates(side: Side, count: int, body_size: int, *,
         published = await timed(asyncio.to_thread(kafka.publish, producer, topic, bodies[0]))
         consumed = (await timed(asyncio.to_thread(kafka.consume, topic, count)) if consume
                     else nan)
-        return count / published, count / consumed
+        messages = [unibus.Message(bodies[0]) for _ in range(count)]
+        headers = [[(META_HEADER, meta(m)),
+                    (ORIGINAL_TIMESTAMP_HEADER, m.timestamp.isoformat().encode())]
+                   for m in messages]
+        del messages
+        topic = bench_kafka.fresh("raw-hdrs")
+        async with unibus.connect(side.url) as bus:
+            await bus.declare_group(topic, "unused")
+        with_headers = await timed(asyncio.to_thread(kafka.publish, producer, topic,
+                                                     bodies[0], headers))
+        return count / published, count / consumed, count / with_headers
     if side.kind == "nats":
         nats_config = bench_nats.Config(url=side.url, messages=count, body_size=body_size,
                                         window=1024, prefetch=256, batch=FILL_BATCH, rounds=1)
         published, stream, subject = await bench_nats.raw_js_publish(nats_config, bodies)
         consumed = (await bench_nats.raw_js_consume(nats_config, stream, subject) if consume
                     else nan)
-        return count / published, count / consumed
+        return count / published, count / consumed, nan
     # Memory has no client of its own: unibus is its raw client.
     async with unibus.connect(side.url) as bus:
         topic = f"bench.{uuid.uuid4().hex[:8]}"
@@ -153,7 +176,7 @@ async def raw_rates(side: Side, count: int, body_size: int, *,
                     await delivery.ack()
                     seen += 1
         consumed = time.perf_counter() - started
-    return count / published, count / consumed
+    return count / published, count / consumed, nan
 
 
 async def timed(work: Awaitable[object]) -> float:
@@ -191,13 +214,17 @@ async def migrate_rate(source: Side, target: Side, count: int, body_size: int, b
 async def run_pair(source: Side, target: Side, args: argparse.Namespace) -> list[str]:
     rows = []
     for run in range(1, args.runs + 1):
-        _, consume = await raw_rates(source, args.messages, args.body_size, consume=True)
-        publish, _ = await raw_rates(target, args.messages, args.body_size, consume=False)
+        _, consume, _ = await raw_rates(source, args.messages, args.body_size, consume=True)
+        publish, _, publish_headers = await raw_rates(target, args.messages, args.body_size,
+                                                      consume=False)
         report = await migrate_rate(source, target, args.messages, args.body_size,
                                     args.batch, args.window, args.checkpoint)
         slower = min(consume, publish)
+        # Kafka: also against raw publishing the records with the headers they carry.
+        headers = (f"{publish_headers:>14,.0f}{report.rate / min(consume, publish_headers):>8.2f}"
+                   if not isnan(publish_headers) else f"{'-':>14}{'-':>8}")
         row = (f"{source.kind + ' → ' + target.kind:<22}{run:>4}{consume:>14,.0f}"
-               f"{publish:>14,.0f}{report.rate:>14,.0f}{report.rate / slower:>8.2f}")
+               f"{publish:>14,.0f}{report.rate:>14,.0f}{report.rate / slower:>8.2f}{headers}")
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -207,7 +234,7 @@ def header(args: argparse.Namespace) -> str:
     return (f"{args.messages:,} messages of {args.body_size} bytes, batch {args.batch} x "
             f"window {args.window}{', checkpoint' if args.checkpoint else ''}\n"
             f"{'pair':<22}{'run':>4}{'src consume':>14}{'dst publish':>14}"
-            f"{'migrate':>14}{'ratio':>8}")
+            f"{'migrate':>14}{'ratio':>8}{'dst +headers':>14}{'ratio':>8}")
 
 
 @contextlib.contextmanager

@@ -65,6 +65,37 @@ async def test_a_delivered_record_sets_every_field_a_delivery_has(kafka_url: str
             await delivery.ack()
 
 
+async def test_a_fetch_waiting_for_room_in_the_prefetch_is_woken_by_an_ack(
+        kafka_url: str) -> None:
+    # At full prefetch a fetch waits; the partitions' states are alerted meanwhile, so
+    # an ack takes the slow way, which wakes it. Once it has returned, acks take the
+    # short way again.
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.declare_group(topic, group)
+        await bus.publish_many(topic, [b"a", b"b", b"c", b"d"])
+        async with bus.subscribe(topic, group=group, prefetch=2) as sub:
+            held: list[unibus.Delivery] = []
+            while len(held) < 2:
+                held += await sub.fetch(2, timeout=10)
+            waiting = asyncio.create_task(sub.fetch(2, timeout=10))
+            # One turn of the loop: the task runs up to its waiter (it awaits nothing
+            # before it), not a wait for time to pass.
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            consumer = sub._consumer
+            assert isinstance(consumer, KafkaConsumer)
+            states = list(consumer._poller.parts.values())
+            assert states
+            assert all(s.alert for s in states)
+            await held[0].ack()
+            more = await asyncio.wait_for(waiting, 5)
+            assert len(more) == 1
+            assert not any(s.alert for s in states)
+            for delivery in [*held[1:], *more]:
+                await delivery.ack()
+
+
 async def test_settling_after_close_raises_delivery_lost_and_the_group_gets_it_back(
         kafka_url: str) -> None:
     topic, group = fresh("t"), fresh("g")

@@ -177,11 +177,52 @@ def test_a_stale_settlement_after_the_log_was_dropped_changes_nothing() -> None:
 def test_an_untracked_partition_logs_nothing() -> None:
     # An ephemeral subscription's partitions: nothing is ever committed for them.
     state = PartitionState("t", 0, tracked=False)
+    state.handed += 10
     for offset in range(10):
         state.fetched(offset)
         state.settled(offset)
     state.advance()
     assert (state.commit_to, state.unsettled, state.dirty) == (-1, 0, False)
+    assert state._log == []
+    assert state._acked == []
+
+
+def test_open_counts_handed_out_less_settled_across_advances() -> None:
+    state = PartitionState("t", 0)
+    for offset in range(6):
+        state.fetched(offset)
+    state.handed += 6
+    state.settled(1)
+    state.settled(0)
+    assert state.open() == 4
+    state.advance()                        # folded: still counted settled
+    assert (state.open(), state.commit_to) == (4, 2)
+    state.settled(5)
+    state.advance()                        # ahead of 2, 3 and 4: not committable yet
+    assert (state.open(), state.commit_to) == (3, 2)
+
+
+def test_an_untracked_partition_counts_its_open_deliveries() -> None:
+    state = PartitionState("t", 0, tracked=False)
+    state.handed += 3
+    state.settled(7)
+    assert state.open() == 2
+    state.handed += 1
+    state.settled(8)
+    state.settled(9)
+    assert state.open() == 1
+    assert state._acked == []              # nobody folds it: open lets the log go
+
+
+def test_an_alert_stays_set_on_a_revoked_partition() -> None:
+    state = PartitionState("t", 0)
+    state.alert = True                     # a fetch waits for room
+    state.calm()
+    assert (state.alert, state.revoked) == (False, False)
+    state.alert = True
+    state.revoke()
+    state.calm()                           # the wait ends after the revocation
+    assert (state.alert, state.revoked) == (True, True)
 
 
 def test_a_kafka_delivery_sets_every_field_a_delivery_has() -> None:

@@ -17,12 +17,15 @@ becomes a delivery from its offset alone (only the lanes' records are read for
 bookkeeping headers: delayed publishes wait in the topic's delay lane), with five
 fields of its own — its topic, group and consumer are its partition state's — and
 decodes its message only when it is read; ``KafkaDelivery.ack`` settles in one
-coroutine with a list append and a counter; no task and no thread hop per record.
+coroutine with a flag check and a list append; no task and no thread hop per record.
 
 A subscription's prefetch counts its unsettled deliveries per partition
-(``PartitionState.open``): a delivery of a revoked partition stops counting with it,
-and settling it raises ``DeliveryLost`` because its state says revoked — closing
-the consumer marks its partitions' states so too.
+(``PartitionState.open``: handed out, less settled), so a delivery of a revoked
+partition stops counting with it; settling it raises ``DeliveryLost`` because its
+state says revoked — closing the consumer marks its partitions' states so too. An
+``ack`` looks at one flag of its state, ``alert``, before it takes the short way:
+set once the partition is revoked, and while a fetch waits for room in the prefetch
+(the slow way then wakes it).
 """
 
 from __future__ import annotations
@@ -112,32 +115,31 @@ class KafkaDelivery(Delivery):
     async def ack(self) -> None:
         """Confirm the message (see :meth:`unibus.Delivery.ack`).
 
-        Settled here, without the consumer's own coroutine: this runs once per record
-        (``KafkaConsumer.settle``, written out).
+        Settled here, without the consumer's own coroutine: this runs once per record.
+        While its state is alerted (revoked, or a fetch waits for room) it goes through
+        ``KafkaConsumer.settle``, which raises or wakes the fetch.
 
         Raises:
             AlreadySettled: The delivery was settled before.
             DeliveryLost: The partition was revoked or the consumer closed.
         """
         state = self.state
-        if self.outcome is not None or state.revoked:
+        if self.outcome is not None or state.alert:
             self._settle(_ACK)   # raises AlreadySettled
-            _lost(self)          # revoked: raises DeliveryLost
+            self._consumer.settle(self)  # type: ignore[attr-defined]  # a KafkaConsumer
+            return
         self.outcome = _ACK
         state.settled(self.offset)
-        state.open -= 1
-        consumer = state.owner   # a state records come with always has its consumer
-        if consumer._waiter is not None:  # type: ignore[union-attr]
-            consumer._wake()  # type: ignore[union-attr]
 
 
 class _Plain(KafkaDelivery):
     """A record of a subscribed topic itself, delivered as it came: first attempt,
     never held. Its topic, group and consumer are its partition state's, read when
-    asked for; it sets only ``token``, ``state``, ``offset``, ``outcome`` and
-    ``_message`` of its own (``KafkaConsumer._take``, once per record)."""
+    asked for; it sets only ``body`` (the record's value), ``token``, ``state``,
+    ``offset``, ``outcome`` and ``_message`` of its own (``KafkaConsumer._take``,
+    once per record)."""
 
-    __slots__ = ()
+    __slots__ = ("body",)   # read from the record as it is handed out
 
     if not TYPE_CHECKING:
         attempt = 1
@@ -145,12 +147,6 @@ class _Plain(KafkaDelivery):
         topic = property(attrgetter("state.topic"))
         group = property(attrgetter("state.group"))
         _consumer = property(attrgetter("state.owner"))
-
-    @property
-    def body(self) -> bytes:
-        """The message body (read without decoding the rest of the message)."""
-        value: bytes | None = self.token.value()
-        return b"" if value is None else value
 
 
 def _lost(delivery: Delivery) -> NoReturn:
@@ -216,7 +212,7 @@ class KafkaConsumer(Consumer):
 
     def _open(self) -> int:
         """How many deliveries are handed out and not settled (of partitions still owned)."""
-        return sum(s.open for s in self._poller.parts.values() if not s.revoked)
+        return sum(s.open() for s in self._poller.parts.values() if not s.revoked)
 
     def _pending(self) -> bool:
         return bool(self._inbox or self._ready or self._pos < len(self._run))
@@ -240,12 +236,19 @@ class KafkaConsumer(Consumer):
                 return []
             self._waiter = waiter = loop.create_future()
             room = self._prefetch - self._open()
+            alerted: list[PartitionState] = []
             if room > 0:
                 if self._pending():
                     self._waiter = None   # a batch landed while this waiter was not visible
                     continue
                 # The thread waits for records on the driver, as many as there is room for.
                 self._poller.want(room)
+            else:
+                # No room: the next settlement of a delivery handed out wakes this fetch
+                # (KafkaDelivery.ack takes the slow way while its state is alerted).
+                alerted = [s for s in self._poller.parts.values() if not s.alert]
+                for state in alerted:
+                    state.alert = True
             try:
                 if remaining is None:
                     await waiter
@@ -256,6 +259,8 @@ class KafkaConsumer(Consumer):
             finally:
                 self._waiter = None
                 self._poller.hungry = False
+                for state in alerted:
+                    state.calm()
         return []
 
     def _take(self, max_count: int) -> list[KafkaDelivery]:
@@ -270,7 +275,7 @@ class KafkaConsumer(Consumer):
             delivery = ready.popleft()
             if delivery.state.revoked:
                 continue
-            delivery.state.open += 1
+            delivery.state.handed += 1
             out.append(delivery)
             room -= 1
         group = self._group
@@ -288,7 +293,7 @@ class KafkaConsumer(Consumer):
         fetched: Callable[[int], None]   # set with each state
         new = _new
         plain = True
-        # Deliveries before this index in `out` are counted open in their state already.
+        # Deliveries before this index in `out` are counted handed out by their state.
         counted = len(out)
         while room > 0:
             if pos >= len(run):
@@ -321,7 +326,7 @@ class KafkaConsumer(Consumer):
                 name = raw.topic()
                 if partition != last_partition or name != last_topic:
                     if state is not None:
-                        state.open += len(out) - counted
+                        state.handed += len(out) - counted
                     counted = len(out)
                     last_topic, last_partition = name, partition
                     state = parts.get((name, partition))
@@ -339,6 +344,8 @@ class KafkaConsumer(Consumer):
                     # KafkaDelivery(raw, state, offset, topic, group, 1, self, None),
                     # written out: without the call, in ~60 % of its time.
                     delivery = new(_Plain)
+                    value = raw.value()
+                    delivery.body = b"" if value is None else value  # type: ignore[misc]
                     delivery._message = None
                     delivery.token = raw
                     delivery.outcome = None
@@ -354,9 +361,9 @@ class KafkaConsumer(Consumer):
                             self._hold(delivery)
                             continue
                 out.append(delivery)
-            # Counted open per pass and partition, not once per record.
+            # Counted handed out per pass and partition, not once per record.
             if state is not None:
-                state.open += len(out) - counted
+                state.handed += len(out) - counted
             counted = len(out)
             room -= len(out) - handed
         self._run, self._pos, self._run_parts = run, pos, parts
@@ -403,7 +410,6 @@ class KafkaConsumer(Consumer):
             # next owner gets the message.
             _lost(delivery)
         state.settled(delivery.offset)
-        state.open -= 1
         if self._waiter is not None:
             self._wake()
 
@@ -428,7 +434,7 @@ class KafkaConsumer(Consumer):
         due_us = time.time_ns() // 1000 + int(delay * 1_000_000)
         if self._group is None:
             # An ephemeral subscription dies with its consumer: redeliver from memory.
-            held.state.open -= 1
+            held.state.settled(held.offset)   # settled here, handed out again when due
             self._hold(KafkaDelivery(held.token, held.state, held.offset, held.topic, None,
                                      held.attempt + 1, self, held.message,
                                      due_us / 1_000_000))

@@ -53,16 +53,38 @@ class PartitionState:
         commit_to: The offset to commit (the next one to read), or -1 for none yet;
             current as of the last :meth:`advance`.
         committed: The last offset sent in a commit, or -1.
-        open: How many of its deliveries the event loop handed out and has not settled
-            (a subscription's prefetch counts them; the loop alone reads and writes it).
-        fetched: Record an offset handed out (offsets come in increasing order).
+        alert: Set while a settlement must take the slow way: the partition was
+            revoked, or a fetch waits for room in the prefetch (the settlement wakes
+            it). Writers set ``revoked`` before ``alert``; the loop clears ``alert``
+            before it reads ``revoked`` (see :meth:`calm`).
+        handed: How many of its deliveries the event loop handed out (it alone writes
+            this); :meth:`open` subtracts those settled since.
+        fetched: Record an offset handed out (offsets come in increasing order); does
+            nothing for a partition whose offsets are never committed (an ephemeral
+            subscription's).
         settled: Record a settled offset (each handed-out offset at most once).
-            Both do nothing for a partition whose offsets are never committed (an
-            ephemeral subscription's).
     """
 
-    __slots__ = ("_acked", "_ahead", "_head", "_log", "commit_to", "committed", "fetched",
-                 "group", "open", "owner", "partition", "plain", "revoked", "settled", "topic")
+    __slots__ = (
+        "_acked",
+        "_ahead",
+        "_folded",
+        "_head",
+        "_log",
+        "_tracked",
+        "alert",
+        "commit_to",
+        "committed",
+        "fetched",
+        "group",
+        "handed",
+        "owner",
+        "partition",
+        "plain",
+        "revoked",
+        "settled",
+        "topic",
+    )
 
     def __init__(self, topic: str, partition: int, *, plain: bool = True,
                  tracked: bool = True, group: str | None = None,
@@ -73,7 +95,12 @@ class PartitionState:
         self.partition = partition
         self.plain = plain
         self.revoked = False
-        self.open = 0
+        self.alert = False
+        self.handed = 0
+        # Settled offsets taken off the front of _acked (by advance, or by open for a
+        # partition nobody commits).
+        self._folded = 0
+        self._tracked = tracked
         self.commit_to = -1
         self.committed = -1
         # Offsets handed out, in order; those before _head are behind the commit point.
@@ -84,19 +111,50 @@ class PartitionState:
         # Offsets settled ahead of an unsettled one (folded in, not yet committable).
         self._ahead: set[int] = set()
         self.fetched: Callable[[int], None] = self._log.append if tracked else _untracked
-        self.settled: Callable[[int], None] = self._acked.append if tracked else _untracked
+        self.settled: Callable[[int], None] = self._acked.append
 
     def __repr__(self) -> str:
         return (f"<PartitionState {self.topic}[{self.partition}] commit_to={self.commit_to} "
                 f"unsettled={self.unsettled}{' revoked' if self.revoked else ''}>")
 
+    def open(self) -> int:
+        """How many of its deliveries are handed out and not settled (event loop).
+
+        Read while ``advance`` may run on another thread: that removes offsets from
+        the settled log before it counts them folded, so a read in between counts
+        too many open, never too few (a prefetch is then briefly stricter).
+        """
+        acked = self._acked
+        if not self._tracked and acked:
+            # Nobody commits this partition, so nobody folds its log: done here.
+            self._folded += len(acked)
+            acked.clear()
+        return self.handed - self._folded - len(acked)
+
+    def calm(self) -> None:
+        """Clear ``alert`` unless the partition is revoked (event loop; see ``alert``)."""
+        self.alert = False
+        if self.revoked:   # read after the write: a revocation racing this keeps it set
+            self.alert = True
+
+    def revoke(self) -> None:
+        """Mark the partition revoked (``revoked``, then ``alert``)."""
+        self.revoked = True
+        self.alert = True
+
     @property
     def unsettled(self) -> int:
-        """How many fetched offsets are not settled yet."""
+        """How many fetched offsets are not settled yet (for a partition nobody
+        commits, how many deliveries are open)."""
+        if not self._tracked:
+            return self.open()
         return len(self._log) - self._head - len(self._ahead) - len(self._acked)
 
     def advance(self) -> None:
-        """Fold the offsets settled since the last call into ``commit_to``."""
+        """Fold the offsets settled since the last call into ``commit_to`` (nothing for
+        a partition nobody commits)."""
+        if not self._tracked:
+            return
         acked = self._acked
         count = len(acked)
         if not count:
@@ -116,6 +174,7 @@ class PartitionState:
                 ahead.discard(log[head])
                 head += 1
         del acked[:count]
+        self._folded += count   # after the removal: see open
         if head != self._head:
             self.commit_to = log[head - 1] + 1
             if head >= _COMPACT and 2 * head > len(log):

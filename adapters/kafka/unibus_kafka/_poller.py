@@ -371,7 +371,7 @@ class Poller:
         """Mark ``states`` revoked; the count moves at once, so that a fetch running
         meanwhile drops what it took of them."""
         for state in states:
-            state.revoked = True
+            state.revoke()
         if states:
             self.revocations += 1
 
@@ -385,7 +385,7 @@ class Poller:
         """Mark every assigned partition's state revoked (the consumer closes): their
         deliveries can no longer be settled. What is settled is committed at close."""
         for state in self._parts.values():
-            state.revoked = True
+            state.revoke()
 
     def _drop(self, states: list[PartitionState]) -> None:
         """Forget frozen ``states``; the loop drops what it holds of them."""
