@@ -49,7 +49,7 @@ import os
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -219,6 +219,17 @@ def read(raw: Raw, topic: str, count: int, *, keep: bool) -> tuple[list[list[Any
     return kept, per_record
 
 
+async def best_cpu_us(loop: Callable[[list[list[Any]]], Awaitable[int]],
+                      batches: list[list[Any]], count: int) -> float:
+    """The least process CPU µs a record of three runs of ``loop`` over ``batches``."""
+    runs: list[float] = []
+    for _ in range(3):
+        cpu = time.process_time()
+        await loop(batches)
+        runs.append((time.process_time() - cpu) / count * 1e6)
+    return min(runs)
+
+
 def cpu_us(work: Callable[[], object], count: int) -> tuple[float, float]:
     """(msgs/s by the wall clock, process CPU µs a message) of ``work()``."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -274,18 +285,8 @@ async def measure(config: Config, rounds: int) -> None:
             batches = read(raw, topics["API-shaped"], n, keep=True)[0]
             # Best of three: the records are in memory, nothing waits but the CPU.
             raw_us = min(cpu_us(partial(raw_loop, batches), n)[1] for _ in range(3))
-            shaped: list[float] = []
-            for _ in range(3):
-                cpu = time.process_time()
-                await shaped_loop(batches)
-                shaped.append((time.process_time() - cpu) / n * 1e6)
-            shaped_us = min(shaped)
-            adapter: list[float] = []
-            for _ in range(3):
-                cpu = time.process_time()
-                await adapter_loop(batches)
-                adapter.append((time.process_time() - cpu) / n * 1e6)
-            adapter_us = min(adapter)
+            shaped_us = await best_cpu_us(shaped_loop, batches, n)
+            adapter_us = await best_cpu_us(adapter_loop, batches, n)
             batches = []   # freed before the next round publishes
             floors.append((driver, raw_us, shaped_us, adapter_us))
             print(f"round {number + 1}: " + ", ".join(
