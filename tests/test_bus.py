@@ -379,6 +379,26 @@ async def test_settling_a_delivery_after_its_bus_closed_raises_delivery_lost_and
         assert (back.id, back.attempt) == (delivery.id, 2)
 
 
+async def test_a_memory_delivery_sets_every_field_a_delivery_has(memory_url: str) -> None:
+    # The memory consumer sets a delivery's fields directly (Delivery._setup written
+    # out, for speed): a field added to Delivery must be set there too.
+    from unibus.message import Delivery
+
+    async with unibus.connect(memory_url) as bus:
+        await bus.declare_group(TOPIC, GROUP)
+        sent = await bus.publish(TOPIC, b"fields", key="k")
+        async with bus.subscribe(TOPIC, group=GROUP) as sub:
+            [delivery] = await sub.fetch(1, bus.capabilities.timings.delivery)
+            for name in Delivery.__slots__:
+                getattr(delivery, name)   # AttributeError if left unset
+            assert (delivery.topic, delivery.group, delivery.attempt) == (TOPIC, GROUP, 1)
+            assert delivery.message == sent
+            assert not delivery.settled
+            await delivery.ack()
+            with pytest.raises(AlreadySettled):
+                await delivery.ack()
+
+
 # -- URL ---------------------------------------------------------------------------------------
 
 def test_unknown_url_option_is_refused_naming_it(memory_url: str) -> None:

@@ -49,7 +49,7 @@ from typing import ClassVar
 from unibus._memory_broker import Entry, Group, Member, MemoryBroker
 from unibus.capabilities import Capabilities, Ordering, RedeliveryOrder, Support, Timings
 from unibus.errors import BrokerUnavailable, DeliveryLost, InvalidURL
-from unibus.message import Delivery, Message
+from unibus.message import _ACK, Delivery, Message, _new
 from unibus.options import Option, Options
 from unibus.spi import Adapter, Consumer
 from unibus.url import URL
@@ -58,6 +58,39 @@ __all__ = ["MemoryAdapter", "MemoryBroker"]
 
 _TIMINGS = Timings(delivery=1.0, redelivery=1.0, delay_slack=0.5, connect_timeout=0.5,
                    recovery=1.0)
+
+
+class _MemoryDelivery(Delivery):
+    """A delivery of the memory broker: settled by its consumer without a second
+    coroutine (``ack`` runs once per message)."""
+
+    __slots__ = ()
+
+    async def ack(self) -> None:
+        """Confirm the message (see :meth:`unibus.Delivery.ack`).
+
+        Raises:
+            AlreadySettled: The delivery was settled before.
+            DeliveryLost: Its consumer was closed; the message went back to its group.
+        """
+        if self.outcome is not None:
+            self._settle(_ACK)   # raises AlreadySettled
+        self.outcome = _ACK
+        self._consumer._settle(self)  # type: ignore[attr-defined]  # a _MemoryConsumer
+
+
+def _delivery(entry: Entry, group: str | None, consumer: _MemoryConsumer) -> Delivery:
+    """``Delivery(entry.message, ..., token=entry)``, its fields set directly (once per
+    message handed out)."""
+    delivery: Delivery = _new(_MemoryDelivery)
+    delivery._message = entry.message
+    delivery.topic = entry.topic
+    delivery.group = group
+    delivery.attempt = entry.deliveries
+    delivery.token = entry
+    delivery.outcome = None
+    delivery._consumer = consumer
+    return delivery
 
 
 class _MemoryConsumer(Consumer):
@@ -106,8 +139,7 @@ class _MemoryConsumer(Consumer):
             entry = assigned.popleft()
             entry.deliveries += 1
             unsettled[entry] = member
-            out.append(Delivery(entry.message, topic=entry.topic, group=self._group_name(group),
-                                attempt=entry.deliveries, consumer=self, token=entry))
+            out.append(_delivery(entry, self._group_name(group), self))
             taken += 1
         ready = group.ready
         owners = group.owners
@@ -131,8 +163,7 @@ class _MemoryConsumer(Consumer):
                     continue
             entry.deliveries += 1
             unsettled[entry] = member
-            out.append(Delivery(entry.message, topic=entry.topic, group=name,
-                                attempt=entry.deliveries, consumer=self, token=entry))
+            out.append(_delivery(entry, name, self))
             taken += 1
         return taken
 
