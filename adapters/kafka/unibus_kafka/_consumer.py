@@ -14,7 +14,7 @@ dead-letter topic first when one is configured.
 The hot path does the least Python work per record it can: one loop per record
 splits a batch by partition as it goes; a record of a subscribed topic itself
 becomes a delivery from its offset alone (only the lanes' records are read for
-bookkeeping headers: delayed publishes wait in the topic's delay lane), with five
+bookkeeping headers: delayed publishes wait in the topic's delay lane), with six
 fields of its own — its topic, group and consumer are its partition state's — and
 decodes its message only when it is read; ``KafkaDelivery.ack`` settles in one
 coroutine with a flag check and a list append; no task and no thread hop per record.

@@ -15,6 +15,11 @@ too when its consumer closes).
 The loop only ever appends to the two logs; ``advance`` only removes from their
 fronts what it has read, under the driver's lock. Each list operation is atomic
 under the GIL, so the two sides need no lock between them.
+
+The same state counts what a subscription's prefetch needs: the deliveries handed
+out (``handed``, added per batch) less those settled (``open``), with no counter
+touched per settlement. ``alert`` is the one flag a settlement reads before it takes
+the short way (see the attribute).
 """
 
 from __future__ import annotations

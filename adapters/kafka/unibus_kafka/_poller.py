@@ -38,9 +38,11 @@ were live Python objects every garbage collection walked. Draining on the loop c
   never a loss). Lost partitions (the group
   moved on without us) are dropped without a commit.
 - **Thread safety**: the driver, ``_parts`` and the inbox's producers are used under
-  ``driving`` only. The loop only appends to a ``PartitionState``'s two logs;
-  ``advance``, ``commit_to``, ``committed`` and ``revoked`` are written under the lock
-  only.
+  ``driving`` only. The loop only appends to a ``PartitionState``'s two logs and
+  writes its ``handed`` count and (while a fetch waits for room) its ``alert`` flag;
+  ``advance``, ``commit_to`` and ``committed`` are written under the lock only, and
+  ``revoked`` under the lock too, but for the consumer's close (a flag that only ever
+  goes from false to true).
 """
 
 from __future__ import annotations
