@@ -88,12 +88,42 @@ async def test_a_fetch_waiting_for_room_in_the_prefetch_is_woken_by_an_ack(
             states = list(consumer._poller.parts.values())
             assert states
             assert all(s.alert for s in states)
+            waiter = consumer._waiter
+            assert waiter is not None
             await held[0].ack()
+            # Woken by the ack itself: no other callback ran in between (the poller's
+            # thread wakes a waiting fetch too, but only through the loop).
+            assert waiter.done()
             more = await asyncio.wait_for(waiting, 5)
             assert len(more) == 1
             assert not any(s.alert for s in states)
             for delivery in [*held[1:], *more]:
                 await delivery.ack()
+
+
+async def test_an_ephemeral_nack_wakes_a_fetch_waiting_for_room(kafka_url: str) -> None:
+    # An ephemeral subscription redelivers a nacked message from memory: the nack frees
+    # its room in the prefetch at once, so a fetch waiting for room gets the next one.
+    topic = fresh("t")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.adapter.declare_group(topic, "unused")   # the topic, no group
+        async with bus.subscribe(topic, prefetch=1) as sub:
+            first = await bus.publish(topic, b"first")
+            second = await bus.publish(topic, b"second")
+            [held] = await sub.fetch(1, timeout=10)
+            assert held.id == first.id
+            waiting = asyncio.create_task(sub.fetch(1, timeout=10))
+            await asyncio.sleep(0)            # one turn: the task reaches its waiter
+            assert not waiting.done()
+            consumer = sub._consumer
+            assert isinstance(consumer, KafkaConsumer)
+            waiter = consumer._waiter
+            assert waiter is not None
+            await held.nack(delay=30)
+            assert waiter.done()              # woken by the nack itself
+            [nxt] = await asyncio.wait_for(waiting, 5)
+            assert nxt.id == second.id
+            await nxt.ack()
 
 
 async def test_settling_after_close_raises_delivery_lost_and_the_group_gets_it_back(

@@ -438,6 +438,8 @@ class KafkaConsumer(Consumer):
             self._hold(KafkaDelivery(held.token, held.state, held.offset, held.topic, None,
                                      held.attempt + 1, self, held.message,
                                      due_us / 1_000_000))
+            if self._waiter is not None:
+                self._wake()   # a fetch waiting for room has it now
             return
         extra = [(ATTEMPT, str(held.attempt + 1)), (DUE, str(due_us)), (ORIGIN, held.topic)]
         await self._producer.publish(self._retry_topics[held.topic], (held.message,),

@@ -127,7 +127,8 @@ class PartitionState:
 
         Read while ``advance`` may run on another thread: that removes offsets from
         the settled log before it counts them folded, so a read in between counts
-        too many open, never too few (a prefetch is then briefly stricter).
+        too many open, never too few (a prefetch is then briefly stricter, and the
+        poller wakes a fetch waiting for room after every fold).
         """
         acked = self._acked
         if not self._tracked and acked:

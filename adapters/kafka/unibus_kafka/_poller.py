@@ -303,6 +303,11 @@ class Poller:
         states = list(only if only is not None else self._parts.values())
         for state in states:
             state.advance()
+        if self._waiting():
+            # A fetch that counted its open deliveries while a fold was half done (the
+            # log shortened, the folded count not yet raised) saw too many, and may wait
+            # for room it has: it counts again now.
+            self._loop.call_soon_threadsafe(self._wake)
         states = [s for s in states if s.dirty]
         if not states:
             return
