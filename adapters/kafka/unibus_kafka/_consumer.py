@@ -14,9 +14,9 @@ dead-letter topic first when one is configured.
 The hot path does the least Python work per record it can: one loop per record
 splits a batch by partition as it goes; a record of a subscribed topic itself
 becomes a delivery from its offset alone (only the lanes' records are read for
-bookkeeping headers: delayed publishes wait in the topic's delay lane), with six
-fields of its own — its topic, group and consumer are its partition state's — and
-decodes its message only when it is read; ``KafkaDelivery.ack`` settles in one
+bookkeeping headers: delayed publishes wait in the topic's delay lane), its fields
+set directly and its body read as it is handed out, and decodes its message only
+when it is read; ``KafkaDelivery.ack`` settles in one
 coroutine with a flag check and a list append; no task and no thread hop per record.
 
 A subscription's prefetch counts its unsettled deliveries per partition
@@ -36,7 +36,6 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from operator import attrgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -85,10 +84,10 @@ class KafkaDelivery(Delivery):
     def __init__(self, record: Any, state: PartitionState, offset: int, topic: str,
                  group: str | None, attempt: int, consumer: KafkaConsumer,
                  message: Message | None, due: float = 0.0) -> None:
-        # Delivery._setup, written out. KafkaConsumer._take makes a _Plain delivery for
-        # a record of a subscribed topic (once per record) with the fields that are not
-        # its class's or its state's: a field added here goes there too (a broker test
-        # checks that path sets every field).
+        # Delivery._setup, written out. KafkaConsumer._take writes this out once more
+        # for a record of a subscribed topic (a _Plain delivery, once per record): a
+        # field added here goes there too (a broker test checks that path sets every
+        # field).
         self._message = message
         self.topic = topic
         self.group = group
@@ -133,20 +132,10 @@ class KafkaDelivery(Delivery):
 
 
 class _Plain(KafkaDelivery):
-    """A record of a subscribed topic itself, delivered as it came: first attempt,
-    never held. Its topic, group and consumer are its partition state's, read when
-    asked for; it sets only ``body`` (the record's value), ``token``, ``state``,
-    ``offset``, ``outcome`` and ``_message`` of its own (``KafkaConsumer._take``,
-    once per record)."""
+    """A record of a subscribed topic itself, delivered as it came (first attempt,
+    never held), its body read from the record as it is handed out."""
 
-    __slots__ = ("body",)   # read from the record as it is handed out
-
-    if not TYPE_CHECKING:
-        attempt = 1
-        due = 0.0
-        topic = property(attrgetter("state.topic"))
-        group = property(attrgetter("state.group"))
-        _consumer = property(attrgetter("state.owner"))
+    __slots__ = ("body",)
 
 
 def _lost(delivery: Delivery) -> NoReturn:
@@ -180,7 +169,7 @@ class KafkaConsumer(Consumer):
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._poller = Poller(settings=settings, scrub=scrub, group=group, lanes=lanes,
-                              owner=self, waiting=lambda: self._waiter is not None, wake=self._wake,
+                              waiting=lambda: self._waiter is not None, wake=self._wake,
                               forget_revoked=self._forget_revoked)
         self._inbox = self._poller.inbox
         # The batch of records being handed out, the position of the next one, and
@@ -290,6 +279,7 @@ class KafkaConsumer(Consumer):
         last_topic: str | None = None
         last_partition = -1
         state: PartitionState | None = None
+        topic = ""
         fetched: Callable[[int], None]   # set with each state
         new = _new
         plain = True
@@ -333,7 +323,7 @@ class KafkaConsumer(Consumer):
                     if state is None or state.revoked:
                         state = None   # its records die with the assignment they came in
                         continue
-                    plain = state.plain
+                    topic, plain = state.topic, state.plain
                     fetched = state.fetched
                 elif state is None:
                     continue
@@ -347,10 +337,15 @@ class KafkaConsumer(Consumer):
                     value = raw.value()
                     delivery.body = b"" if value is None else value  # type: ignore[misc]
                     delivery._message = None
+                    delivery.topic = topic
+                    delivery.group = group
+                    delivery.attempt = 1
                     delivery.token = raw
                     delivery.outcome = None
+                    delivery._consumer = self
                     delivery.state = state
                     delivery.offset = offset
+                    delivery.due = 0.0
                 else:   # a lane's record: its bookkeeping headers say when and as what
                     message, origin, attempt, due = decode(raw)
                     delivery = KafkaDelivery(raw, state, offset, origin, group, attempt, self,
@@ -434,12 +429,10 @@ class KafkaConsumer(Consumer):
         due_us = time.time_ns() // 1000 + int(delay * 1_000_000)
         if self._group is None:
             # An ephemeral subscription dies with its consumer: redeliver from memory.
-            held.state.settled(held.offset)   # settled here, handed out again when due
             self._hold(KafkaDelivery(held.token, held.state, held.offset, held.topic, None,
                                      held.attempt + 1, self, held.message,
                                      due_us / 1_000_000))
-            if self._waiter is not None:
-                self._wake()   # a fetch waiting for room has it now
+            self.settle(held)   # this one is done: its copy is handed out again when due
             return
         extra = [(ATTEMPT, str(held.attempt + 1)), (DUE, str(due_us)), (ORIGIN, held.topic)]
         await self._producer.publish(self._retry_topics[held.topic], (held.message,),

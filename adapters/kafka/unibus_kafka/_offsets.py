@@ -25,10 +25,6 @@ the short way (see the attribute).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from unibus_kafka._consumer import KafkaConsumer
 
 __all__ = ["PartitionState"]
 
@@ -49,9 +45,6 @@ class PartitionState:
         partition: The partition number.
         plain: Whether this is a partition of a subscribed topic itself (not of a lane):
             its records are delivered as they come, first attempt, never held.
-        group: The consumer group, or ``None`` for an ephemeral subscription.
-        owner: The subscription's consumer (its plain deliveries' ``topic``, ``group``
-            and consumer are read from here rather than stored in each).
         revoked: Set when the partition was revoked or lost, or its consumer closed;
             its deliveries can no longer be settled, and a new assignment gets a new
             state.
@@ -81,9 +74,7 @@ class PartitionState:
         "commit_to",
         "committed",
         "fetched",
-        "group",
         "handed",
-        "owner",
         "partition",
         "plain",
         "revoked",
@@ -92,11 +83,8 @@ class PartitionState:
     )
 
     def __init__(self, topic: str, partition: int, *, plain: bool = True,
-                 tracked: bool = True, group: str | None = None,
-                 owner: KafkaConsumer | None = None) -> None:
+                 tracked: bool = True) -> None:
         self.topic = topic
-        self.group = group
-        self.owner = owner
         self.partition = partition
         self.plain = plain
         self.revoked = False

@@ -60,7 +60,6 @@ from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
 from unibus_kafka._offsets import PartitionState
 
 if TYPE_CHECKING:
-    from unibus_kafka._consumer import KafkaConsumer
     from unibus_kafka._producer import Producer
     from unibus_kafka._url import Settings
 
@@ -90,13 +89,12 @@ class Poller:
     """
 
     def __init__(self, *, settings: Settings, scrub: Scrubber, group: str | None,
-                 lanes: Sequence[str], owner: KafkaConsumer, waiting: Callable[[], bool],
-                 wake: Callable[[], None], forget_revoked: Callable[[], None]) -> None:
+                 lanes: Sequence[str], waiting: Callable[[], bool], wake: Callable[[], None],
+                 forget_revoked: Callable[[], None]) -> None:
         self._settings = settings
         self._scrub = scrub
         self._group = group
         self._lanes = frozenset(lanes)
-        self._owner = owner              # set in each partition's state
         self._waiting = waiting          # whether a fetch waits (read from the thread)
         self._wake = wake                # run on the loop: wakes a waiting fetch
         self._forget_revoked = forget_revoked
@@ -345,8 +343,7 @@ class Poller:
     def _state(self, topic: str, partition: int) -> PartitionState:
         # An ephemeral subscription commits nothing: its states log no offsets.
         return PartitionState(topic, partition, plain=topic not in self._lanes,
-                              tracked=self._group is not None, group=self._group,
-                              owner=self._owner)
+                              tracked=self._group is not None)
 
     def _mark_assigned(self) -> None:
         if not self._assigned.done():
