@@ -380,8 +380,8 @@ async def test_settling_a_delivery_after_its_bus_closed_raises_delivery_lost_and
 
 
 async def test_a_memory_delivery_sets_every_field_a_delivery_has(memory_url: str) -> None:
-    # The memory consumer sets a delivery's fields directly (Delivery._setup written
-    # out, for speed): a field added to Delivery must be set there too.
+    # The memory consumer builds its deliveries without Delivery's constructor (for
+    # speed): every field must still be set.
     from unibus.message import Delivery
 
     async with unibus.connect(memory_url) as bus:

@@ -80,16 +80,10 @@ class _MemoryDelivery(Delivery):
 
 
 def _delivery(entry: Entry, group: str | None, consumer: _MemoryConsumer) -> Delivery:
-    """``Delivery(entry.message, ..., token=entry)``, its fields set directly (once per
-    message handed out)."""
+    """The delivery of ``entry`` (once per message handed out): ``_setup`` called
+    positionally, without the keyword-parsing constructor."""
     delivery: Delivery = _new(_MemoryDelivery)
-    delivery._message = entry.message
-    delivery.topic = entry.topic
-    delivery.group = group
-    delivery.attempt = entry.deliveries
-    delivery.token = entry
-    delivery.outcome = None
-    delivery._consumer = consumer
+    delivery._setup(entry.message, entry.topic, group, entry.deliveries, consumer, entry)
     return delivery
 
 
