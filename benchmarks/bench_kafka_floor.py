@@ -59,7 +59,9 @@ from unibus.message import Message
 from unibus.url import make_url
 from unibus_kafka._codec import META_HEADER, stamp
 from unibus_kafka._consumer import KafkaConsumer
+from unibus_kafka._errors import Scrubber
 from unibus_kafka._offsets import PartitionState
+from unibus_kafka._url import parse_settings
 
 _ANY_PARTITION = -1
 _SERVE_PER = 1024
@@ -169,21 +171,24 @@ class _Holder:
         raise RuntimeError(f"an event among the records: {error}")
 
 
-async def adapter_loop(batches: list[list[Any]]) -> int:
+async def adapter_loop(bus: unibus.Bus, batches: list[list[Any]]) -> int:
     """The adapter's per-record work: its own fetch, ``body`` and ``ack()``."""
-    consumer = object.__new__(KafkaConsumer)   # its fields below; no driver, no thread
     parts: dict[tuple[str, int], PartitionState] = {}
     for batch in batches:
         for record in batch:
             where = (record.topic(), record.partition())
             if where not in parts:
-                parts[where] = PartitionState(*where, group="floor", owner=consumer)
+                parts[where] = PartitionState(*where)
     holder = _Holder(parts)
     holder.inbox.extend((parts, batch) for batch in batches)
-    consumer.__dict__.update(
-        _loop=asyncio.get_running_loop(), _group="floor", _prefetch=2_000,
-        _ready=deque(), _held=[], _waiter=None, _closed=False, _poller=holder,
-        _inbox=holder.inbox, _run=[], _pos=0, _run_parts={})
+    # Made as the adapter makes it (no driver or thread starts before ``start``), then
+    # given the holder for its poller.
+    consumer = KafkaConsumer(
+        settings=parse_settings(bus.url), producer=None,  # type: ignore[arg-type]  # unused
+        scrub=Scrubber(), capabilities=bus.capabilities, topics=[], lanes=[], group="floor",
+        retry_topics={}, prefetch=2_000, dead_letter=None, on_close=lambda _: None)
+    consumer._poller = holder  # type: ignore[assignment]
+    consumer._inbox = holder.inbox
     count = sum(len(batch) for batch in batches)
     seen = 0
     while seen < count:
@@ -286,7 +291,7 @@ async def measure(config: Config, rounds: int) -> None:
             # Best of three: the records are in memory, nothing waits but the CPU.
             raw_us = min(cpu_us(partial(raw_loop, batches), n)[1] for _ in range(3))
             shaped_us = await best_cpu_us(shaped_loop, batches, n)
-            adapter_us = await best_cpu_us(adapter_loop, batches, n)
+            adapter_us = await best_cpu_us(partial(adapter_loop, bus), batches, n)
             batches = []   # freed before the next round publishes
             floors.append((driver, raw_us, shaped_us, adapter_us))
             print(f"round {number + 1}: " + ", ".join(

@@ -51,14 +51,9 @@ import aio_pika
 
 import unibus
 from benchmarks import bench_kafka, bench_nats, bench_rabbitmq
-from unibus.migrate import (
-    DEFAULT_BATCH,
-    DEFAULT_GROUP,
-    DEFAULT_WINDOW,
-    ORIGINAL_TIMESTAMP_HEADER,
-)
+from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP, DEFAULT_WINDOW, _forward
 from unibus.url import make_url
-from unibus_kafka._codec import META_HEADER, meta
+from unibus_kafka._codec import encode_headers
 
 NAMES = ("memory", "rabbitmq", "kafka", "nats")
 ALL_PAIRS = [("rabbitmq", "kafka"), ("kafka", "nats"), ("nats", "rabbitmq"),
@@ -142,11 +137,8 @@ async def raw_rates(side: Side, count: int, body_size: int, *,
         published = await timed(asyncio.to_thread(kafka.publish, producer, topic, bodies[0]))
         consumed = (await timed(asyncio.to_thread(kafka.consume, topic, count)) if consume
                     else nan)
-        messages = [unibus.Message(bodies[0]) for _ in range(count)]
-        headers = [[(META_HEADER, meta(m)),
-                    (ORIGINAL_TIMESTAMP_HEADER, m.timestamp.isoformat().encode())]
-                   for m in messages]
-        del messages
+        # The headers the Kafka adapter writes for a message migrate forwarded.
+        headers = [encode_headers(_forward(unibus.Message(bodies[0]))) for _ in range(count)]
         topic = bench_kafka.fresh("raw-hdrs")
         async with unibus.connect(side.url) as bus:
             await bus.declare_group(topic, "unused")
