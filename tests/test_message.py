@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import os
@@ -22,10 +23,12 @@ from unibus import (
     AlreadySettled,
     Capabilities,
     Delivery,
+    DeliveryLost,
     InvalidMessage,
     Message,
     Ordering,
     Outcome,
+    PublishFailed,
     RedeliveryOrder,
     Support,
     UnsupportedFeature,
@@ -355,6 +358,69 @@ async def test_delayed_nack_without_delay_support_is_unsupported_but_plain_nack_
     await received.nack()
 
     assert consumer.calls == [("nack", "m-1", 0.0)]
+
+
+class FailingConsumer(RecordingConsumer):
+    """A consumer whose nack and reject fail as a refused republish does (Kafka's retry
+    lane, RabbitMQ's retry queue or a dead-letter topic refusing the copy), or whose
+    republish never ends (to be cancelled), or whose delivery is gone."""
+
+    def __init__(self, failure: BaseException | None) -> None:
+        super().__init__()
+        self.failure = failure
+        self.republishing = asyncio.Event()
+
+    async def _republish(self, what: str, delivery: Delivery) -> None:
+        self.calls.append((what, delivery.id, None))
+        self.republishing.set()
+        if self.failure is not None:
+            raise self.failure
+        await asyncio.Event().wait()   # never confirmed: the caller cancels
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        await self._republish("nack", delivery)
+
+    async def reject(self, delivery: Delivery) -> None:
+        await self._republish("reject", delivery)
+
+
+@pytest.mark.parametrize("settle", ["nack", "reject"])
+async def test_a_nack_or_reject_that_fails_leaves_the_delivery_unsettled(settle: str) -> None:
+    consumer = FailingConsumer(PublishFailed("the retry lane refused it", message_ids=("m-1",)))
+    received = delivery(consumer)
+
+    with pytest.raises(PublishFailed):
+        await getattr(received, settle)()
+
+    assert not received.settled
+    await received.ack()   # settled another way: not AlreadySettled
+    assert consumer.calls == [(settle, "m-1", None), ("ack", "m-1", None)]
+    assert received.outcome is Outcome.ACK
+
+
+@pytest.mark.parametrize("settle", ["nack", "reject"])
+async def test_a_cancelled_nack_or_reject_leaves_the_delivery_unsettled(settle: str) -> None:
+    consumer = FailingConsumer(None)
+    received = delivery(consumer)
+    settling = asyncio.ensure_future(getattr(received, settle)())
+    await consumer.republishing.wait()
+    assert received.settled   # while it runs, nothing else may settle it
+
+    settling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settling
+
+    assert not received.settled
+
+
+async def test_a_nack_of_a_lost_delivery_keeps_it_settled() -> None:
+    received = delivery(FailingConsumer(DeliveryLost("the channel closed")))
+
+    with pytest.raises(DeliveryLost):
+        await received.nack()
+
+    with pytest.raises(AlreadySettled):
+        await received.ack()
 
 
 def test_delivery_exposes_its_message() -> None:

@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import FrozenInstanceError
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -22,7 +22,7 @@ from operator import attrgetter
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from unibus.errors import AlreadySettled, InvalidMessage
+from unibus.errors import AlreadySettled, DeliveryLost, InvalidMessage
 
 if TYPE_CHECKING:
     from unibus.spi import Consumer
@@ -460,27 +460,55 @@ class Delivery:
     async def nack(self, delay: float = 0.0) -> None:
         """Give the message back: it is delivered again, not before ``delay`` seconds.
 
+        A nack that fails otherwise — the adapter could not republish the message
+        (a retry lane or queue refused it), or the call was cancelled — leaves the
+        delivery unsettled, to be settled again.
+
         Raises:
             AlreadySettled: The delivery was settled before.
             UnsupportedFeature: The adapter cannot redeliver (see its capabilities).
             DeliveryLost: The channel it came on is gone; the broker redelivers it.
+            PublishFailed: The adapter's retry path refused the message; the delivery
+                stays unsettled.
             ValueError: ``delay`` is negative or not finite.
         """
         if not (math.isfinite(delay) and delay >= 0):
             raise ValueError(f"nack delay must be a finite number >= 0 of seconds, got {delay}")
         self._consumer.check_nack(delay)
         self._settle(_NACK)
-        await self._consumer.nack(self, delay)
+        await self._through(self._consumer.nack(self, delay))
 
     async def reject(self) -> None:
         """Refuse the message: never delivered again; dead-lettered where configured.
 
+        A reject that fails otherwise — the dead-letter topic refused the message, or
+        the call was cancelled — leaves the delivery unsettled, to be settled again.
+
         Raises:
             AlreadySettled: The delivery was settled before.
             DeliveryLost: The channel it came on is gone; the broker redelivers it.
+            PublishFailed: The dead-letter topic refused the message; the delivery
+                stays unsettled.
         """
         self._settle(_REJECT)
-        await self._consumer.reject(self)
+        await self._through(self._consumer.reject(self))
+
+    async def _through(self, settling: Awaitable[None]) -> None:
+        """Await an adapter's nack or reject; on failure the delivery is unsettled again.
+
+        A settlement that republishes (to a retry lane, a dead-letter topic) can fail
+        before it has done anything. Left marked settled, the delivery could be settled
+        neither by its caller nor by anyone else, and would hold its place in the
+        prefetch (and, on Kafka, its partition's commit point) until the consumer
+        closed. Only a lost delivery stays marked: it is gone from this consumer.
+        """
+        try:
+            await settling
+        except DeliveryLost:
+            raise
+        except BaseException:
+            self.outcome = None
+            raise
 
     def __repr__(self) -> str:
         state = self.outcome.value if self.outcome else "unsettled"

@@ -12,9 +12,16 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 import unibus
-from unibus.errors import BrokerUnavailable, DeliveryLost, PublishFailed, UnibusError
+from unibus.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    DeliveryLost,
+    PublishFailed,
+    UnibusError,
+)
 from unibus.url import make_url
 from unibus_kafka._consumer import KafkaConsumer
+from unibus_kafka._poller import Poller
 from unibus_kafka._url import parse_settings
 from unibus_kafka.adapter import KafkaAdapter
 
@@ -206,6 +213,52 @@ async def test_nack_goes_through_the_retry_lane_with_attempt_and_delay(kafka_url
             assert waited >= 0.5
             await second.ack()
             assert await sub.fetch(1, timeout=1.0) == []
+
+
+async def test_a_nack_the_retry_lane_refuses_leaves_the_delivery_to_be_settled_again(
+        kafka_url: str) -> None:
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(kafka_url) as writer, \
+            unibus.connect(f"{kafka_url}&message_max_bytes=40000") as bus:
+        # Readable by the small bus, too large for its producer to copy to the lane.
+        await writer.declare_group(topic, group)
+        big = await writer.publish(topic, b"x" * 45_000)
+        after = await writer.publish(topic, b"after")
+        async with bus.subscribe(topic, group=group, prefetch=1) as sub:
+            [held] = await sub.fetch(1, timeout=10)
+            assert held.id == big.id
+            with pytest.raises(PublishFailed):
+                await held.nack()
+            assert not held.settled
+            # Still open: it keeps its place in the prefetch, and the commit point.
+            assert await sub.fetch(1, timeout=0.5) == []
+            await held.ack()
+            [next_one] = await sub.fetch(1, timeout=10)
+            assert next_one.id == after.id
+            await next_one.ack()
+    async with unibus.connect(kafka_url) as bus, \
+            bus.subscribe(topic, group=group) as sub:
+        assert await sub.fetch(1, timeout=2.0) == []   # both acks were committed
+
+
+async def test_a_subscription_failing_before_its_thread_starts_closes_its_driver_consumer(
+        kafka_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Any] = []
+
+    def refuse(poller: Poller, tp: Any) -> tuple[int, int]:
+        made.append(poller._kc)   # the driver's consumer exists by now
+        raise BrokerError(f"reading the end of {tp.topic} failed")
+
+    monkeypatch.setattr(Poller, "_watermarks", refuse)
+    topic = fresh("t")
+    async with unibus.connect(kafka_url) as bus:
+        await bus.publish(topic, b"x")   # the topic exists
+        with pytest.raises(BrokerError, match="failed"):
+            async with bus.subscribe(topic):
+                pass
+    [kc] = made
+    with pytest.raises(RuntimeError, match="closed"):
+        kc.assignment()   # closed, not left to the garbage collector
 
 
 async def test_many_concurrent_publishers_share_one_producer(kafka_url: str) -> None:

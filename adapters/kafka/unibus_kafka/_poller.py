@@ -55,7 +55,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from unibus.errors import BrokerError, UnibusError
+from unibus.errors import BrokerError, BrokerUnavailable, UnibusError
 from unibus_kafka._errors import DriverLog, Scrubber, map_errors, to_unibus
 from unibus_kafka._offsets import PartitionState
 
@@ -180,8 +180,12 @@ class Poller:
         with map_errors(f"reading the end of {tp.topic}[{tp.partition}]", self._scrub):
             while True:
                 try:
-                    low, high = self._kc.get_watermark_offsets(tp, timeout=timeout,
-                                                               cached=False)
+                    with self.driving:   # a stop() racing a cancelled start closes it
+                        kc = self._kc
+                        if kc is None:
+                            raise BrokerUnavailable("the Kafka consumer was closed")
+                        low, high = kc.get_watermark_offsets(tp, timeout=timeout,
+                                                             cached=False)
                     return int(low), int(high)
                 except KafkaException as exc:
                     # A topic created a moment ago: this client's metadata may still
@@ -197,6 +201,11 @@ class Poller:
         self._closing.set()
         self._wanted.set()
         if self._thread is None:
+            # Failed or cancelled before its thread started (assigning, subscribing): no
+            # thread will close the driver's consumer, so close it here.
+            kc, self._kc = self._kc, None
+            if kc is not None:
+                await asyncio.to_thread(self._close_unstarted, kc)
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._stopped),
@@ -424,6 +433,13 @@ class Poller:
         finally:
             if not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._mark_stopped)
+
+    def _close_unstarted(self, kc: Any) -> None:
+        try:
+            with self.driving:
+                kc.close()   # nothing was handed out, so nothing to commit
+        except Exception as exc:
+            log.debug("closing the consumer: %s", self._scrub(str(exc)))
 
     def _mark_stopped(self) -> None:
         if not self._stopped.done():
