@@ -567,6 +567,58 @@ async def test_rate_paces_the_migration() -> None:
     assert elapsed >= 0.4
 
 
+async def test_a_stop_while_a_low_rate_paces_returns_at_once_leaving_the_rest() -> None:
+    stop = asyncio.Event()
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(10, size=8))
+
+        def progress(report: unibus.MigrationReport) -> None:
+            if report.written:
+                stop.set()   # as on SIGTERM, during the next batch's 10 s pacing wait
+
+        # One message per 10 s: a stop that sat out the wait took 20 s (two batches).
+        report = await asyncio.wait_for(
+            unibus.migrate(src.url, dst.url, TOPIC, follow=True, rate=0.1, stop=stop,
+                           progress=progress), timeout=5.0)
+
+        assert (report.read, report.written, report.acked) == (1, 1, 1)
+        assert len(await drain(src, DEFAULT_GROUP)) == 9   # back on the source, unacked
+
+
+async def test_a_migration_onto_its_own_topic_is_refused_and_to_topic_allows_it() -> None:
+    async with brokers() as (src, _dst):
+        await src.publish_many(TOPIC, sample(5))
+        with pytest.raises(ValueError, match="same broker and topic"):
+            await unibus.migrate(src.url, f"{src.url}", TOPIC)
+        await src.declare_group("orders.copy", "readers")
+
+        report = await unibus.migrate(src.url, src.url, TOPIC, to_topic="orders.copy")
+
+        assert report.written == 5
+        assert len(await drain(src, "readers", "orders.copy")) == 5
+
+
+async def test_a_failed_batch_goes_back_to_the_source_in_its_place() -> None:
+    async with brokers() as (src, dst):
+        sent = sample(50, size=8)
+        await src.publish_many(TOPIC, sent)
+        published = 0
+
+        async def second_batch_fails(messages: Sequence[unibus.Message]) -> None:
+            nonlocal published
+            published += 1
+            if published == 2:
+                raise BrokerUnavailable("target unreachable (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = second_batch_fails
+        with pytest.raises(unibus.MigrationFailed):
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1)
+
+        # Not nacked to the back of the queue: the source reads on where it stopped.
+        left = await drain(src, DEFAULT_GROUP)
+        assert [m.id for m in left] == [m.id for m in sent[10:]]
+
+
 async def test_a_refused_batch_fails_the_migration_before_any_verify() -> None:
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sample(10))

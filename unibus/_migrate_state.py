@@ -27,6 +27,7 @@ ids of a batch the checkpoint does not name in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -191,12 +192,15 @@ class TokenBucket:
         self._tokens = float(self.batch)
         self._last = time.monotonic()
 
-    async def take(self, count: int) -> None:
-        """Wait until ``count`` messages may pass, then take them."""
+    async def take(self, count: int, stop: asyncio.Event) -> bool:
+        """Wait until ``count`` messages may pass and take them; ``False`` if ``stop``
+        was set first (a low rate's wait can be long: a stop must not sit it out)."""
         now = time.monotonic()
         self._tokens = min(self.batch, self._tokens + (now - self._last) * self.rate)
         self._last = now
         self._tokens -= count
-        if self._tokens < 0:
+        if self._tokens < 0 and not stop.is_set():
             # Pacing, not a barrier: the debt is paid back at the configured rate.
-            await asyncio.sleep(-self._tokens / self.rate)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), -self._tokens / self.rate)
+        return not stop.is_set()

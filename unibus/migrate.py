@@ -50,7 +50,7 @@ from unibus._migrate_verify import VerifyReport, digest, read_back
 from unibus.bus import Bus, Subscription, check_name, connect
 from unibus.errors import DeliveryLost, MessageTooLarge, UnibusError
 from unibus.message import Delivery, Message
-from unibus.url import URL
+from unibus.url import URL, make_url
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -209,8 +209,9 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
         InvalidURL: A URL is malformed or has an unknown option.
         InvalidName: A topic or group name is invalid.
         BrokerUnavailable: A broker cannot be reached before anything is moved.
-        ValueError: ``batch``, ``window``, ``limit`` or ``rate`` is out of range, or
-            the checkpoint belongs to another migration.
+        ValueError: ``batch``, ``window``, ``limit`` or ``rate`` is out of range, the
+            checkpoint belongs to another migration, or the target is the source's
+            broker and topic.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -220,6 +221,11 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
         raise ValueError(f"limit must be >= 1, got {limit}")
     bucket = TokenBucket(rate, batch) if rate is not None else None
     destination = to_topic or topic
+    if destination == topic and _same_broker(make_url(source), make_url(target)):
+        raise ValueError(
+            f"the source and the target are the same broker and topic ({topic!r}): every "
+            "copy would be read back and copied again, without end; give another "
+            "--to-topic, or another target")
     for kind, name in (("topic", topic), ("topic", destination), ("group", group),
                        ("group", verify_group), *(("group", g) for g in declare_groups)):
         check_name(kind, name)
@@ -237,6 +243,17 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
 
 
 _trusted = Message.trusted
+
+
+def _same_broker(a: URL, b: URL) -> bool:
+    """Whether two URLs name one broker, seen by one user (one set of topics).
+
+    Options and passwords do not matter; the user does (a NATS account of its own
+    has its own subjects), and so does the order-free list of hosts and the path
+    (a RabbitMQ virtual host).
+    """
+    return (a.scheme == b.scheme and set(a.hosts) == set(b.hosts) and a.path == b.path
+            and a.username == b.username)
 
 
 def _forward(message: Message) -> Message:
@@ -438,8 +455,10 @@ class _Engine:
                         continue
                     taken += len(deliveries)
                     reading = read_next()
-                    if bucket is not None:
-                        await bucket.take(len(deliveries))
+                    if bucket is not None and not await bucket.take(len(deliveries), stop):
+                        # Stopped while pacing: this batch goes back to the source
+                        # unsettled, as does one read ahead meanwhile.
+                        break
                     if self.dry_run:
                         self._count_dry(deliveries)
                         continue
@@ -667,11 +686,9 @@ class _Engine:
         report.failed += len(unwritten)
         report.failures.extend(f"{count} message(s) not written: {reason}"
                                for reason, count in reasons.items())
-        if self.src.capabilities.redelivery:
-            # Hand them back now rather than when the subscription closes.
-            for delivery in unwritten:
-                with contextlib.suppress(UnibusError):
-                    await delivery.nack()
+        # Not nacked: the subscription closes with them unsettled, which gives them back
+        # where they were (a nack would queue them behind the rest, and on Kafka copy
+        # them to the retry lane and commit the originals).
         self._save([*self.returning, *(d.message.id for d in unwritten)])
         raise MigrationFailed(
             f"the target {report.target} failed on {report.to_topic!r}: "
