@@ -524,6 +524,41 @@ async def test_verify_reports_lost_messages_and_body_mismatches(tmp_path: Path) 
     assert report.verify.duplicates == 1
 
 
+async def test_verify_counts_what_the_source_still_owes_as_pending_not_lost(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    sent = sample(50)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        publishes = 0
+
+        async def down_on_the_second(messages: Sequence[unibus.Message]) -> None:
+            nonlocal publishes
+            publishes += 1
+            if publishes == 2:
+                raise BrokerUnavailable("target down (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_the_second
+        with pytest.raises(unibus.MigrationFailed):
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                 checkpoint=checkpoint, verify=True)
+        # The second batch went back to the source, its ids still in flight; this run
+        # reads 10 other messages and stops before those come back.
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                      checkpoint=checkpoint, verify=True, limit=10)
+        left = {m.id for m in await drain(src, DEFAULT_GROUP)}
+
+    verified = report.verify
+    assert verified is not None
+    owed = {m.id for m in sent[10:20]}
+    assert owed <= left
+    assert (verified.lost_count, verified.lost) == (0, [])
+    assert verified.pending_count == 10
+    assert set(verified.pending) == owed
+    assert verified.ok
+    assert verified.to_dict()["pending"] == 10
+
+
 async def test_a_checkpoint_of_another_migration_is_refused(tmp_path: Path) -> None:
     checkpoint = tmp_path / "c"
     async with brokers() as (src, dst):
@@ -682,6 +717,7 @@ def test_cli_migrate_prints_a_json_report_with_verify(held_pair: tuple[str, str]
     assert report["error"] is None
     assert report["verify"]["ok"] is True
     assert (report["verify"]["lost"], report["verify"]["duplicates"]) == (0, 0)
+    assert (report["verify"]["pending"], report["verify"]["pending_ids"]) == (0, [])
     assert (report["duplicates"], report["republished"]) == (0, 0)
     assert json.loads(checkpoint.read_text())["in_flight"] == []
 

@@ -482,8 +482,10 @@ def _print_migration(console: Console, report: unibus.MigrationReport) -> None:
         console.print(f"verify {verdict}: {checked.expected:,} ids read, "
                       f"{checked.received:,} copies on the target, {checked.lost_count:,} "
                       f"lost, {checked.mismatched_count:,} body mismatches, "
-                      f"{checked.duplicates:,} duplicates, {checked.unexpected:,} unexpected")
-        for kind, ids in (("lost", checked.lost), ("body mismatch", checked.mismatched)):
+                      f"{checked.duplicates:,} duplicates, {checked.unexpected:,} unexpected, "
+                      f"{checked.pending_count:,} pending (still unacked on the source)")
+        for kind, ids in (("lost", checked.lost), ("body mismatch", checked.mismatched),
+                          ("pending", checked.pending)):
             for message_id in ids:
                 console.print(f"  {kind}: {escape(message_id)}")
 

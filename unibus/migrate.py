@@ -702,5 +702,8 @@ class _Engine:
             self.progress(self.report)
 
     async def _verify(self, group: str, batch: int) -> VerifyReport:
+        # Ids still returning were never confirmed and are still unacked on the source
+        # (their run failed or was killed, and this one stopped before reading them):
+        # owed by the source, not lost by the target.
         return await read_back(self.dst, self.state.to_topic, group, batch,
-                               self.read_ids, self.verify_ledger)
+                               self.read_ids, self.verify_ledger, self.returning)
