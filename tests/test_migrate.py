@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import unibus
 from unibus.cli import cli
 from unibus.errors import BrokerUnavailable, PublishFailed
-from unibus.memory import MemoryAdapter
+from unibus.memory import MemoryAdapter, _MemoryDelivery
 from unibus.message import Message
 from unibus.migrate import (
     DEFAULT_GROUP,
@@ -428,8 +428,9 @@ async def test_a_resume_acks_re_read_confirmed_messages_unpublished_and_republis
     assert report.republished == len(in_flight)
     assert report.written == 1000
     assert report.read == 1000 + report.duplicates
-    # Only the killed run's in-flight deliveries were never acked (they came back).
-    assert report.acked == report.read - len(in_flight)
+    # Each message counts once in acked, when its batch was confirmed: the copies the
+    # lagging cursor gave back are acked again uncounted (they are duplicates).
+    assert report.acked == report.read - report.duplicates == 1000
     assert set(copies) == {m.id for m in sent}
     assert all(copies[m.id] == 1 for m in acked)
     assert all(copies[i] <= 2 for i in in_flight)
@@ -465,6 +466,87 @@ async def test_a_run_killed_before_its_ledger_line_counts_the_in_flight_re_reads
     assert report.verify.unexpected == 0
 
 
+async def test_a_run_killed_while_acking_a_confirmed_batch_keeps_its_acked_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    sent = sample(300)
+    acks = 0
+    killed = asyncio.Event()
+    ack = _MemoryDelivery.ack
+
+    async def ack_until_the_150th(delivery: _MemoryDelivery) -> None:
+        nonlocal acks
+        acks += 1
+        if acks == 150:
+            killed.set()
+            await asyncio.Future()   # the kill lands here, half-way through batch 2
+        await ack(delivery)
+
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        monkeypatch.setattr(_MemoryDelivery, "ack", ack_until_the_150th)
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                                   window=1, checkpoint=checkpoint))
+        await killed.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        monkeypatch.setattr(_MemoryDelivery, "ack", ack)
+        saved = json.loads(checkpoint.read_text())
+        # Batch 2 was confirmed: counted before its acks were sent.
+        assert (saved["written"], saved["acked"], saved["in_flight"]) == (200, 200, [])
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100, window=1,
+                                      checkpoint=checkpoint)
+        assert await drain(src, DEFAULT_GROUP) == []
+    # The 51 deliveries of batch 2 never acked come back: acked now, not counted again.
+    assert report.duplicates == 51
+    assert (report.written, report.acked) == (300, 300)
+
+
+async def test_failed_messages_and_their_reasons_add_up_over_the_runs_of_a_checkpoint(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(30))
+
+        async def down(messages: Sequence[unibus.Message]) -> None:
+            raise BrokerUnavailable("target down (test)")
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = down
+        with pytest.raises(unibus.MigrationFailed) as caught:
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                 checkpoint=checkpoint)
+        del HookedMemoryAdapter.before[dst.url.host or ""]
+        assert caught.value.report.failed == 10
+        saved = json.loads(checkpoint.read_text())
+        assert (saved["failed"], len(saved["failures"])) == (10, 1)
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                      checkpoint=checkpoint)
+    assert (report.written, report.acked, report.runs) == (30, 30, 2)
+    assert report.failed == 10
+    assert report.failures == caught.value.report.failures
+
+
+async def test_a_checkpoint_saved_before_failures_were_kept_resumes_with_none(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "v2.ckpt"
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(10))
+        checkpoint.write_text(json.dumps({
+            "source": str(src.url), "target": str(dst.url), "topic": TOPIC,
+            "to_topic": TOPIC, "group": DEFAULT_GROUP, "read": 5, "written": 5,
+            "acked": 5, "duplicates": 0, "republished": 0, "seconds": 0.5, "runs": 1,
+            "in_flight": [], "skips_confirmed": True, "version": 2}))
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint)
+    assert (report.read, report.written, report.acked) == (15, 15, 15)
+    assert (report.failed, report.failures) == (0, [])
+    saved = json.loads(checkpoint.read_text())
+    assert (saved["failed"], saved["failures"], saved["version"]) == (0, [], 3)
+
+
 async def test_a_version_1_checkpoint_resumes_and_republishes_every_re_read_message(
         tmp_path: Path) -> None:
     checkpoint = tmp_path / "old.ckpt"
@@ -486,7 +568,7 @@ async def test_a_version_1_checkpoint_resumes_and_republishes_every_re_read_mess
         assert len(await drain(dst, "readers")) == 100
     assert (report.duplicates, report.republished, report.written) == (100, 100, 100)
     saved = json.loads(checkpoint.read_text())
-    assert (saved["version"], saved["skips_confirmed"]) == (2, False)
+    assert (saved["version"], saved["skips_confirmed"]) == (3, False)
 
 
 async def test_a_window_below_one_is_refused() -> None:

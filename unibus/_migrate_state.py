@@ -2,10 +2,12 @@
 
 A checkpoint ``FILE`` is a small JSON document replaced atomically (write a temporary
 file, then rename) before every batch is published and after every batch is
-confirmed. It holds the cumulative counts and ``in_flight``: the ids of every batch
-published and not yet confirmed by the target (and of those still expected back
-from a previous run). Beside it, two append-only ledgers of JSON lines
-``[id, sha256-of-body]``:
+confirmed. It holds the cumulative counts (``failed`` and the latest
+:data:`KEPT_FAILURES` reasons included) and ``in_flight``: the ids of every batch
+published and not yet confirmed by the target (and of those still expected back from a
+previous run). The save that takes a confirmed batch out of ``in_flight`` also counts
+it in ``acked``, before its acks are sent: a kill in between cannot lose the count.
+Beside it, two append-only ledgers of JSON lines ``[id, sha256-of-body]``:
 
 - ``FILE.ledger``: every message read from the source, appended before its batch is
   published and after the checkpoint named the batch in flight. So a message the
@@ -21,7 +23,9 @@ survive a restart.
 Version 1 files (written before batches were pipelined, when the ledger was appended
 before the checkpoint was saved) are still resumed, but re-read messages of such a
 migration are always published again (``skips_confirmed`` false): its ledger may list
-ids of a batch the checkpoint does not name in flight.
+ids of a batch the checkpoint does not name in flight. Version 2 files lack ``failed``
+and ``failures`` (resumed as none) and counted ``acked`` after the acks, so their
+``acked`` may miss a batch a kill cut short. Version 3 is saved.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Checkpoint", "CheckpointState", "Ledger", "TokenBucket"]
+__all__ = ["KEPT_FAILURES", "Checkpoint", "CheckpointState", "Ledger", "TokenBucket"]
 
-_VERSION = 2
+_VERSION = 3
 #: Versions this code resumes; a version 1 migration never skips re-read ids.
-_READABLE = (1, 2)
+_READABLE = (1, 2, 3)
+#: The failure reasons a checkpoint keeps (the latest); ``failed`` counts them all.
+KEPT_FAILURES = 20
 
 
 @dataclass
@@ -57,6 +63,8 @@ class CheckpointState:
     acked: int = 0
     duplicates: int = 0
     republished: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     runs: int = 0
     in_flight: list[str] = field(default_factory=list)
@@ -93,7 +101,9 @@ class Checkpoint:
                 raise ValueError(f"version {version!r}; this unibus reads versions "
                                  f"{', '.join(map(str, _READABLE))}")
             if version == 1:
-                data.update(version=_VERSION, skips_confirmed=False)
+                data.update(skips_confirmed=False)
+            # Fields an older version lacks take their defaults (none failed).
+            data.update(version=_VERSION)
             return CheckpointState(**data)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{self.path} is not a unibus migrate checkpoint ({exc}); "

@@ -45,7 +45,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-from unibus._migrate_state import Checkpoint, CheckpointState, Ledger, TokenBucket
+from unibus._migrate_state import (
+    KEPT_FAILURES,
+    Checkpoint,
+    CheckpointState,
+    Ledger,
+    TokenBucket,
+)
 from unibus._migrate_verify import VerifyReport, digest, read_back
 from unibus.bus import Bus, Subscription, check_name, connect
 from unibus.errors import DeliveryLost, MessageTooLarge, UnibusError
@@ -91,16 +97,22 @@ class MigrationReport:
         group: The source group read through.
         read: Deliveries read from the source (re-reads included).
         written: Messages the target confirmed.
-        acked: Messages acked on the source.
+        acked: Messages acked on the source once the target confirmed them, each
+            counted once: when its batch is confirmed, in the checkpoint saved before
+            its acks are sent, so that a kill cannot lose the count. A message counted
+            whose ack a kill then cut off comes back; the next run acks it without
+            counting it again (it is in ``duplicates``). One whose ack the source
+            refuses as lost (``DeliveryLost``) comes back in the same run, is moved
+            again and counted again.
         duplicates: Messages read again after a restart or redelivery (counted in
             ``read``). Those the target had confirmed are acked, not published again.
         republished: The duplicates that were in flight (published, not confirmed)
             when they were read before, so published again: the target may hold them
             twice (unless it deduplicates by id). At most ``window`` x ``batch`` per
             restart.
-        failed: Messages read but not written by the run that failed; they stay on
-            the source, unacked.
-        failures: Why they failed.
+        failed: Messages read but not written by the runs that failed; each failed
+            run gave them back to the source, unacked (a later run moves them).
+        failures: Why they failed (a checkpoint keeps the latest 20).
         seconds: Time spent moving messages, up to the last batch (the idle wait that
             ends a run and the verification excluded), over every run.
         runs: Runs of this checkpoint, this one included.
@@ -372,6 +384,7 @@ class _Engine:
         report = self.report
         report.read, report.written, report.acked = saved.read, saved.written, saved.acked
         report.duplicates, report.republished = saved.duplicates, saved.republished
+        report.failed, report.failures = saved.failed, list(saved.failures)
         report.runs = saved.runs
 
     def close(self) -> None:
@@ -394,6 +407,7 @@ class _Engine:
         state, report = self.state, self.report
         state.read, state.written, state.acked = report.read, report.written, report.acked
         state.duplicates, state.republished = report.duplicates, report.republished
+        state.failed, state.failures = report.failed, report.failures[-KEPT_FAILURES:]
         state.seconds = report.seconds
         state.in_flight = in_flight
         return state
@@ -602,6 +616,7 @@ class _Engine:
             await self.checkpoint.save_durably(self._state_for(self._in_flight(publish)))
         self.ledger.append(fresh)
         if confirmed:
+            # Not counted in `acked` again: it was when their batch was confirmed.
             await self._ack(confirmed)
         if not publish:
             self._progress()
@@ -629,6 +644,10 @@ class _Engine:
             await self._fail()
         self.flights.popleft()
         self.report.written += len(flight.sent)
+        # Counted before the acks, in the save that says the batch is confirmed: a kill
+        # while acking leaves it counted, and its unacked part, read again, is acked
+        # uncounted (confirmed before). Counted after, a kill would lose the count.
+        self.report.acked += len(flight.sent)
         self._save(self._in_flight())
         await self._ack(flight.sent)
         self._progress()
@@ -638,14 +657,10 @@ class _Engine:
                 f"{self.dst.capabilities.name} accepts at most {limit} bytes")
 
     async def _ack(self, deliveries: list[Delivery]) -> None:
-        acked = 0
+        """Ack confirmed messages; ``acked`` counted them when they were confirmed."""
         for delivery in deliveries:
-            try:
-                await delivery.ack()
-                acked += 1
-            except DeliveryLost:
-                pass  # redelivered, then counted as a duplicate
-        self.report.acked += acked
+            with contextlib.suppress(DeliveryLost):
+                await delivery.ack()   # lost: redelivered, then counted as a duplicate
 
     async def _fail(self) -> NoReturn:
         """A batch failed: let the others finish, ack the confirmed ones, stop.
@@ -662,6 +677,7 @@ class _Engine:
             await asyncio.wait(tasks)
         report = self.report
         unwritten: list[Delivery] = []
+        confirmed: list[Delivery] = []
         # Why, in order, with how many messages each (window batches failing for one
         # reason, a target down, make one line).
         reasons: dict[str, int] = {}
@@ -670,7 +686,8 @@ class _Engine:
             error = flight.error()
             if error is None:
                 report.written += len(flight.sent)
-                await self._ack(flight.sent)
+                report.acked += len(flight.sent)
+                confirmed.extend(flight.sent)
             else:
                 if not isinstance(error, UnibusError):
                     raise error  # a bug, not a broker failure
@@ -683,6 +700,9 @@ class _Engine:
                 unwritten.extend(flight.rest)
                 reasons[reason] = reasons.get(reason, 0) + len(flight.rest)
                 first = first or MessageTooLarge(reason)
+        # As in _settle: the confirmed batches are counted, and saved, before their acks.
+        self._save([*self.returning, *(d.message.id for d in unwritten)])
+        await self._ack(confirmed)
         report.failed += len(unwritten)
         report.failures.extend(f"{count} message(s) not written: {reason}"
                                for reason, count in reasons.items())
