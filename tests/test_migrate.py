@@ -603,7 +603,8 @@ async def test_verify_reports_lost_messages_and_body_mismatches(tmp_path: Path) 
     assert not report.verify.ok
     assert report.verify.lost == [sent[0].id]
     assert report.verify.mismatched == [sent[5].id]
-    assert report.verify.duplicates == 1
+    # The tampered body is a mismatch, not a copy of the message with its id.
+    assert report.verify.duplicates == 0
 
 
 async def test_verify_counts_what_the_source_still_owes_as_pending_not_lost(
@@ -639,6 +640,57 @@ async def test_verify_counts_what_the_source_still_owes_as_pending_not_lost(
     assert set(verified.pending) == owed
     assert verified.ok
     assert verified.to_dict()["pending"] == 10
+
+
+async def test_verify_passes_messages_that_share_an_id_with_different_bodies() -> None:
+    first, second = (unibus.Message(b"v1", id="order-1"), unibus.Message(b"v2", id="order-1"))
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, [first, unibus.Message(b"other"), second])
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=1, window=1,
+                                      verify=True)
+    assert report.verify is not None
+    assert (report.verify.mismatched_count, report.verify.lost_count) == (0, 0)
+    # Two messages, not a message and its copy.
+    assert (report.verify.expected, report.verify.duplicates) == (3, 0)
+    assert report.verify.ok
+
+
+async def test_verify_reports_lost_a_reused_id_that_a_deduplicating_target_dropped(
+        ) -> None:
+    first, second = (unibus.Message(b"v1", id="order-1"), unibus.Message(b"v2", id="order-1"))
+    async with brokers(target_options="?dedup_window=60") as (src, dst):
+        await src.publish_many(TOPIC, [first, second])
+        report = await unibus.migrate(src.url, dst.url, TOPIC, verify=True)
+        held = await drain(dst, "readers")
+    assert [m.body for m in held] == [b"v1"]
+    assert report.verify is not None
+    assert not report.verify.ok
+    assert (report.verify.lost_count, report.verify.lost) == (1, ["order-1"])
+    assert report.verify.mismatched_count == 0
+    assert any("deduplicates" in note for note in report.verify.notes)
+
+
+async def test_the_ledger_keeps_every_body_of_a_reused_id_across_runs(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    first, second = (unibus.Message(b"v1", id="order-1"), unibus.Message(b"v2", id="order-1"))
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, [first, second])
+        await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint, verify=True)
+        # A lagging cursor gives the second message back: it was confirmed.
+        await src.publish_many(TOPIC, [second])
+        report = await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint,
+                                      verify=True)
+        held = await drain(dst, "readers")
+    assert [m.body for m in held] == [b"v1", b"v2"]
+    # Counted over both runs: the reused id in the first, the copy given back in the
+    # second, acked unpublished.
+    assert (report.duplicates, report.republished) == (2, 1)
+    assert report.verify is not None
+    assert report.verify.ok
+    assert (report.verify.expected, report.verify.mismatched_count) == (2, 0)
+    ledger = checkpoint.with_name(checkpoint.name + ".ledger").read_text().splitlines()
+    assert len(ledger) == 2
 
 
 async def test_a_checkpoint_of_another_migration_is_refused(tmp_path: Path) -> None:

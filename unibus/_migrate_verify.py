@@ -1,5 +1,8 @@
 """``unibus migrate --verify``: read back what was written and compare it by id and hash.
 
+Each message is an ``(id, body hash)`` pair: messages that share an id with different
+bodies are each expected on the target.
+
 The verify group is declared on the target before the first batch, so it retains every
 message written (on Kafka and JetStream a new group replays the topic anyway). Reading
 it back acks as it goes and records each message in the ``FILE.verify`` ledger, so a
@@ -11,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,19 +39,25 @@ class VerifyReport:
     """What the target holds, compared with what was read from the source.
 
     Attributes:
-        expected: Distinct message ids read from the source.
+        expected: Distinct messages read from the source: pairs of id and body hash
+            (messages that share an id with different bodies count apart).
         received: Messages read back from the target (copies included).
-        lost: Ids read from the source and not found on the target (at most 20 listed).
-        lost_count: How many ids were lost.
+        lost: Ids of messages read from the source and not found on the target, with
+            their body (at most 20 listed).
+        lost_count: How many messages were lost.
         pending: Ids read from the source and not found on the target that the source
             still owes: left unconfirmed by an earlier run (its batch failed, or it was
             killed) and not read again since, they are still unacked on the source and
             a later run moves them (at most 20 listed). Not lost, so not against ``ok``.
-        pending_count: How many ids are pending.
-        mismatched: Ids whose body on the target differs (at most 20 listed).
-        mismatched_count: How many ids had a different body.
-        duplicates: Extra copies on the target (a message seen 3 times counts 2).
+        pending_count: How many messages are pending.
+        mismatched: Ids found on the target with a body never read with them (at most
+            20 listed).
+        mismatched_count: How many ids had such a body.
+        duplicates: Extra copies on the target of a message, same id and same body (a
+            message seen 3 times counts 2).
         unexpected: Messages on the target with an id never read from the source.
+        notes: Why some differences are expected: a target that deduplicates ids drops
+            a later message reusing an id with another body (counted lost).
     """
 
     expected: int = 0
@@ -60,6 +70,7 @@ class VerifyReport:
     mismatched_count: int = 0
     duplicates: int = 0
     unexpected: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -76,24 +87,32 @@ class VerifyReport:
                 "lost": self.lost_count, "lost_ids": self.lost,
                 "pending": self.pending_count, "pending_ids": self.pending,
                 "mismatched": self.mismatched_count, "mismatched_ids": self.mismatched,
-                "duplicates": self.duplicates, "unexpected": self.unexpected}
-
+                "duplicates": self.duplicates, "unexpected": self.unexpected,
+                "notes": self.notes}
 
 
 async def read_back(dst: Bus, topic: str, group: str, batch: int,
                     expected: Mapping[str, str], ledger: Ledger,
-                    pending: Collection[str] = ()) -> VerifyReport:
+                    pending: Collection[str] = (),
+                    other_bodies: Mapping[str, AbstractSet[str]] | None = None,
+                    ) -> VerifyReport:
     """Read ``group`` on ``topic`` until the target is idle; compare with ``expected``.
+
+    Messages are compared as ``(id, body hash)`` pairs, each expected at least once:
+    two messages that share an id with different bodies are two messages to find, not a
+    message and a mismatched copy.
 
     Args:
         dst: The target bus.
         topic: The target topic.
         group: The verify group.
         batch: Messages per fetch.
-        expected: Message id → body hash of everything read from the source.
+        expected: Message id → body hash of everything read from the source (the
+            first body read with each id).
         ledger: Where what is read back is recorded (and what was, loaded from).
         pending: Ids the source still owes (in flight when an earlier run stopped, not
             read again since): missing on the target, they are pending, not lost.
+        other_bodies: Message id → hashes of the other bodies read with that id.
 
     Returns:
         The differences.
@@ -101,13 +120,15 @@ async def read_back(dst: Bus, topic: str, group: str, batch: int,
     Raises:
         BrokerError: The target failed.
     """
-    seen: Counter[str] = Counter()
+    others = other_bodies or {}
+    seen: Counter[tuple[str, str]] = Counter()
     mismatched: set[str] = set()
 
     def check(message_id: str, body_hash: str) -> None:
-        seen[message_id] += 1
+        seen[message_id, body_hash] += 1
         wanted = expected.get(message_id)
-        if wanted is not None and wanted != body_hash:
+        if (wanted is not None and wanted != body_hash
+                and body_hash not in others.get(message_id, ())):
             mismatched.add(message_id)
 
     for message_id, body_hash in ledger.load():
@@ -122,15 +143,41 @@ async def read_back(dst: Bus, topic: str, group: str, batch: int,
             for delivery in deliveries:
                 with contextlib.suppress(DeliveryLost):
                     await delivery.ack()
-    lost: list[str] = []
-    owed: list[str] = []
-    for message_id in expected:
-        if message_id not in seen:
-            (owed if message_id in pending else lost).append(message_id)
+    # Ids, each listed once however many of its bodies are missing; counts per message.
+    lost: dict[str, None] = {}
+    owed: dict[str, None] = {}
+    lost_count = owed_count = 0
+    reused_lost = 0
+    for message_id, body_hash in _pairs(expected, others):
+        if (message_id, body_hash) in seen or message_id in mismatched:
+            continue   # found, or found with another body: a mismatch, not a loss
+        if message_id in pending:
+            owed[message_id] = None
+            owed_count += 1
+        else:
+            lost[message_id] = None
+            lost_count += 1
+            reused_lost += message_id in others
+    notes: list[str] = []
+    window = dst.capabilities.dedup_window
+    if reused_lost and window is not None:
+        notes.append(f"{reused_lost} lost message(s) reuse the id of another message with "
+                     f"another body: {dst.capabilities.name} deduplicates ids (within "
+                     f"{window:g} s) and keeps only the first")
     return VerifyReport(
-        expected=len(expected), received=sum(seen.values()), lost=lost[:_SHOWN_IDS],
-        lost_count=len(lost), pending=owed[:_SHOWN_IDS], pending_count=len(owed),
-        mismatched=sorted(mismatched)[:_SHOWN_IDS],
-        mismatched_count=len(mismatched),
+        expected=len(expected) + sum(len(hashes) for hashes in others.values()),
+        received=sum(seen.values()), lost=list(lost)[:_SHOWN_IDS], lost_count=lost_count,
+        pending=list(owed)[:_SHOWN_IDS], pending_count=owed_count,
+        mismatched=sorted(mismatched)[:_SHOWN_IDS], mismatched_count=len(mismatched),
         duplicates=sum(c - 1 for c in seen.values() if c > 1),
-        unexpected=sum(c for i, c in seen.items() if i not in expected))
+        unexpected=sum(c for (i, _), c in seen.items() if i not in expected),
+        notes=notes)
+
+
+def _pairs(expected: Mapping[str, str],
+           others: Mapping[str, AbstractSet[str]]) -> Iterator[tuple[str, str]]:
+    """Every ``(id, body hash)`` read from the source, once."""
+    yield from expected.items()
+    for message_id, hashes in others.items():
+        for body_hash in hashes:
+            yield message_id, body_hash

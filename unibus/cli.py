@@ -484,6 +484,8 @@ def _print_migration(console: Console, report: unibus.MigrationReport) -> None:
                       f"lost, {checked.mismatched_count:,} body mismatches, "
                       f"{checked.duplicates:,} duplicates, {checked.unexpected:,} unexpected, "
                       f"{checked.pending_count:,} pending (still unacked on the source)")
+        for note in checked.notes:
+            console.print(f"  note: {escape(note)}")
         for kind, ids in (("lost", checked.lost), ("body mismatch", checked.mismatched),
                           ("pending", checked.pending)):
             for message_id in ids:

@@ -347,8 +347,12 @@ class _Engine:
         self.ledger = Ledger(None if base is None else base.with_name(base.name + ".ledger"))
         self.verify_ledger = Ledger(None if base is None
                                     else base.with_name(base.name + ".verify"))
-        #: Every id read (and its body hash): the ledger, also what verify compares.
+        #: Every id read, and the hash of the first body read with it: the ledger, also
+        #: what verify compares.
         self.read_ids: dict[str, str] = {}
+        #: Ids read with more than one body: the hashes of the others. Kept apart so
+        #: that the common case, one body per id, stays one dict entry.
+        self.other_bodies: dict[str, set[str]] = {}
         #: Ids in flight when the previous run stopped that have not come back yet.
         self.returning: set[str] = set()
         #: Ids the ledger of earlier runs lists (read before this run started).
@@ -379,8 +383,11 @@ class _Engine:
         self.state = saved
         self._seconds_before = saved.seconds
         self.returning = set(saved.in_flight)
-        self.read_ids = dict(self.ledger.load())
-        self.read_before = set(self.read_ids)
+        read_ids, other_bodies = self.read_ids, self.other_bodies
+        for message_id, body_hash in self.ledger.load():
+            if read_ids.setdefault(message_id, body_hash) != body_hash:
+                other_bodies.setdefault(message_id, set()).add(body_hash)
+        self.read_before = set(read_ids)
         report = self.report
         report.read, report.written, report.acked = saved.read, saved.written, saved.acked
         report.duplicates, report.republished = saved.duplicates, saved.republished
@@ -562,17 +569,27 @@ class _Engine:
     def _flying(self, message_id: str) -> bool:
         return message_id in self.returning or any(message_id in f.ids for f in self.flights)
 
-    def _confirmed_before(self, delivery: Delivery) -> bool:
+    def _confirmed_before(self, message_id: str, body_hash: str) -> bool:
         """Whether an earlier run's target confirmed this very message (same id, same body).
 
         Ledgered by an earlier run and no longer in flight: its batch was confirmed. The
-        body's hash must match too — another message that reuses the id is published.
+        body's hash must be one ledgered with the id too — another message that reuses
+        the id is published.
         """
-        message = delivery.message
-        if message.id not in self.read_before or self._flying(message.id):
+        if message_id not in self.read_before or self._flying(message_id):
             return False
-        recorded = self.read_ids[message.id]
-        return bool(recorded) and recorded == digest(message.body)
+        return bool(body_hash) and (body_hash == self.read_ids[message_id]
+                                    or body_hash in self.other_bodies.get(message_id, ()))
+
+    def _another_body(self, message_id: str, body_hash: str) -> bool:
+        """Record ``body_hash`` for an id read before; whether it is a new body for it."""
+        if body_hash == self.read_ids[message_id]:
+            return False
+        others = self.other_bodies.setdefault(message_id, set())
+        if body_hash in others:
+            return False
+        others.add(body_hash)
+        return True
 
     async def _launch(self, deliveries: list[Delivery]) -> _Flight | None:
         """Record a batch, then start publishing it; ack at once what the target holds."""
@@ -587,14 +604,19 @@ class _Engine:
             message_id = delivery.message.id
             if message_id in read_ids:
                 report.duplicates += 1
+                body_hash = digest(delivery.message.body) if keep_hashes else ""
                 if (trust_ledger and message_id not in launching
-                        and self._confirmed_before(delivery)):
+                        and self._confirmed_before(message_id, body_hash)):
                     confirmed.append(delivery)
                     continue
                 report.republished += 1
                 returning.discard(message_id)
                 publish.append(delivery)
                 launching.add(message_id)
+                if keep_hashes and self._another_body(message_id, body_hash):
+                    # Another message reusing the id: ledgered too, so that verify
+                    # expects both bodies and a resume knows both were moved.
+                    fresh.append((message_id, body_hash))
                 continue
             if message_id in returning:
                 # In flight when the last run stopped, which was killed before the
@@ -726,4 +748,5 @@ class _Engine:
         # (their run failed or was killed, and this one stopped before reading them):
         # owed by the source, not lost by the target.
         return await read_back(self.dst, self.state.to_topic, group, batch,
-                               self.read_ids, self.verify_ledger, self.returning)
+                               self.read_ids, self.verify_ledger, self.returning,
+                               self.other_bodies)
