@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,7 @@ from unibus.errors import (
 from unibus.url import make_url
 from unibus_kafka._consumer import KafkaConsumer
 from unibus_kafka._poller import Poller
+from unibus_kafka._producer import Producer as AdapterProducer
 from unibus_kafka._url import parse_settings
 from unibus_kafka.adapter import KafkaAdapter
 
@@ -259,6 +261,28 @@ async def test_a_subscription_failing_before_its_thread_starts_closes_its_driver
     [kc] = made
     with pytest.raises(RuntimeError, match="closed"):
         kc.assignment()   # closed, not left to the garbage collector
+
+
+async def test_a_publish_still_creating_its_topic_when_the_bus_closes_fails_not_hangs(
+        kafka_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    created, closed = threading.Event(), threading.Event()
+    create = AdapterProducer._create_topics
+
+    def create_then_wait_for_the_close(self: AdapterProducer, admin: Any, names: list[str]) -> None:
+        create(self, admin, names)
+        created.set()
+        closed.wait(30)   # the broker answering slowly, while the bus closes
+
+    monkeypatch.setattr(AdapterProducer, "_create_topics", create_then_wait_for_the_close)
+    bus = unibus.connect(kafka_url)
+    await bus.open()
+    publishing = asyncio.create_task(bus.publish(fresh("t"), b"x"))
+    await asyncio.to_thread(created.wait, 30)
+    await bus.aclose()
+    closed.set()
+    # Queued after the producer's flush, its report would never be served.
+    with pytest.raises(BrokerUnavailable, match="closed"):
+        await asyncio.wait_for(publishing, 10)
 
 
 async def test_many_concurrent_publishers_share_one_producer(kafka_url: str) -> None:

@@ -72,7 +72,7 @@ class _Batch:
     ``seal`` itself — and finishes the batch.
     """
 
-    __slots__ = ("_count", "errors", "expected", "future", "loop")
+    __slots__ = ("_count", "abandoned", "errors", "expected", "future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -80,6 +80,8 @@ class _Batch:
         self._count = itertools.count(1)
         self.expected = -2
         self.errors: list[tuple[Any, Any]] = []
+        #: The producer closed with reports of this batch still owed (event loop).
+        self.abandoned = False
 
     def report(self, error: Any, record: Any) -> None:
         """The delivery callback."""
@@ -98,6 +100,12 @@ class _Batch:
         if not self.future.done():
             self.future.set_result(None)
 
+    def abandon(self) -> None:
+        """The producer is closed and will serve no more reports (event loop)."""
+        if not self.future.done():
+            self.abandoned = True
+            self.future.set_result(None)
+
 
 class Producer:
     """The adapter's producer and admin client (see the module docstring)."""
@@ -114,6 +122,8 @@ class Producer:
         # event loop serves the reports itself (``loop_serves`` tells the poll thread
         # to keep off; ``_handback`` wakes it when the loop stops).
         self._awaited = 0
+        # The publishes waiting for reports: failed by close, if it leaves any waiting.
+        self._batches: set[_Batch] = set()
         self._timer: asyncio.Handle | None = None
         self.loop_serves = False
         self._handback = threading.Event()
@@ -233,6 +243,11 @@ class Producer:
                         producer.purge()
                         producer.poll(0)
             await asyncio.to_thread(finish)
+        # Flushed or purged, every queued record has had its report. A publish that
+        # queued after the flush (it was creating its topic when the close came) would
+        # wait for ever: it fails instead.
+        for batch in self._batches:
+            batch.abandon()
 
     # -- topics ------------------------------------------------------------------
 
@@ -244,17 +259,25 @@ class Producer:
         """
         missing = [n for n in dict.fromkeys(names) if n not in self._known_topics]
         if missing:
-            await asyncio.to_thread(self._create_topics, missing)
+            await asyncio.to_thread(self._create_topics, self._admin_client(), missing)
             self._known_topics.update(missing)
 
-    def _create_topics(self, names: list[str]) -> None:
+    def _admin_client(self) -> Any:
+        """The admin client, read on the event loop: a thread started later must not
+        find it gone (``close`` clears it)."""
+        admin = self._admin
+        if admin is None:
+            raise BrokerUnavailable("the Kafka adapter is not connected")
+        return admin
+
+    def _create_topics(self, admin: Any, names: list[str]) -> None:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
         settings = self._settings
         timeout = max(settings.connect_timeout, 5.0)
         with map_errors(f"creating topics {names}", self._scrub):
-            futures = self._admin.create_topics(
+            futures = admin.create_topics(
                 [NewTopic(n, num_partitions=settings.partitions,
                           replication_factor=settings.replication_factor) for n in names],
                 operation_timeout=timeout, request_timeout=timeout)
@@ -270,7 +293,7 @@ class Producer:
             deadline = time.monotonic() + timeout
             pending = set(names)
             while pending and time.monotonic() < deadline:
-                metadata = self._admin.list_topics(timeout=timeout)
+                metadata = admin.list_topics(timeout=timeout)
                 for name in list(pending):
                     topic = metadata.topics.get(name)
                     if (topic is not None and topic.error is None and topic.partitions
@@ -288,9 +311,11 @@ class Producer:
         Raises:
             BrokerError: The metadata could not be read.
         """
+        admin = self._admin_client()
+
         def read() -> list[int]:
             with map_errors(f"reading the partitions of {topic!r}", self._scrub):
-                metadata = self._admin.list_topics(topic, timeout=self._settings.connect_timeout)
+                metadata = admin.list_topics(topic, timeout=self._settings.connect_timeout)
             entry = metadata.topics.get(topic)
             if entry is None or entry.error is not None:
                 raise BrokerError(f"topic {topic!r} has no metadata: {entry and entry.error}")
@@ -318,6 +343,8 @@ class Producer:
         if self.fatal_error is not None:
             raise to_unibus(self.fatal_error, "the Kafka producer failed", self._scrub)
         await self.ensure_topics((topic,))
+        if self._producer is not producer:
+            raise BrokerUnavailable("the Kafka adapter was closed while publishing")
         loop = asyncio.get_running_loop()
         batch = _Batch(loop)
         count = len(messages)
@@ -326,11 +353,17 @@ class Producer:
         if self._awaited >= _LOOP_SERVES_FROM and self._timer is None:
             self.loop_serves = True
             self._timer = loop.call_soon(self._serve_reports)
+        self._batches.add(batch)
         try:
             failure = await self._produce(producer, topic, messages, extra, batch)
             await batch.future
         finally:
             self._awaited -= count
+            self._batches.discard(batch)
+        if batch.abandoned:
+            raise PublishFailed(f"the Kafka adapter was closed before every message to "
+                                f"{topic!r} was confirmed",
+                                message_ids=tuple(m.id for m in messages))
         if batch.errors:
             error, _ = batch.errors[0]
             ids = tuple(record_id(record) for _, record in batch.errors)
@@ -375,6 +408,9 @@ class Producer:
                         # The local queue is full: give the driver time to send and the
                         # reports time to be served.
                         await asyncio.sleep(0.002)
+                        if self._producer is not producer:
+                            raise BrokerUnavailable("the Kafka adapter was closed "
+                                                    "while publishing") from None
                 sent += 1
                 if not sent % _SERVE_PER:
                     producer.poll(0)   # the reports of what went before, on this thread
