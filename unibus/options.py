@@ -82,6 +82,11 @@ _PARSERS: Mapping[type, Callable[[str], Any]] = {
     bool: parse_bool, int: parse_int, float: parse_seconds}
 
 
+def _number(value: float) -> str:
+    """A bound as written: ``2147483``, not ``2.14748e+06``."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 @dataclass(frozen=True, slots=True)
 class Option(Generic[T]):
     """One query option of an adapter's URL.
@@ -93,6 +98,8 @@ class Option(Generic[T]):
         doc: One line for the docs.
         choices: The allowed values, if restricted.
         minimum: The smallest allowed number, if any.
+        maximum: The largest allowed number, if any (a driver's own limit: refused
+            here, without I/O, rather than when the client is made).
         secret: Never echo the value in an error (passwords, tokens).
     """
 
@@ -102,6 +109,7 @@ class Option(Generic[T]):
     doc: str
     choices: tuple[T, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
     secret: bool = False
 
     def parse(self, raw: str) -> T:
@@ -121,7 +129,11 @@ class Option(Generic[T]):
             allowed = ", ".join(str(c) for c in self.choices)
             raise InvalidURL(f"option {self.name}={shown}: must be one of {allowed}")
         if self.minimum is not None and isinstance(value, int | float) and value < self.minimum:
-            raise InvalidURL(f"option {self.name}={shown}: must be at least {self.minimum:g}")
+            raise InvalidURL(f"option {self.name}={shown}: must be at least "
+                             f"{_number(self.minimum)}")
+        if self.maximum is not None and isinstance(value, int | float) and value > self.maximum:
+            raise InvalidURL(f"option {self.name}={shown}: must be at most "
+                             f"{_number(self.maximum)}")
         return value
 
 

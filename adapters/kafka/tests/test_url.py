@@ -26,6 +26,26 @@ def test_invalid_option_values_are_refused(query: str) -> None:
         adapter(f"kafka://127.0.0.1?{query}")
 
 
+@pytest.mark.parametrize(("query", "reason"), [
+    ("linger=1000", "at most 900"), ("linger=-1", "non-negative"),
+    ("publish_timeout=3000000", "at most 2147483"), ("session_timeout=7200", "at most 3600"),
+    ("connect_timeout=1e10", "at most"), ("message_max_bytes=2000000000", "at most 1000000000"),
+    ("partitions=3000000000", "at most"), ("commit_interval=-0.5", "non-negative"),
+    ("replication_factor=0", "at least 1 replica"),
+])
+def test_values_beyond_the_drivers_limits_are_refused_when_the_adapter_is_made(
+        query: str, reason: str) -> None:
+    # Not later, when the client is made or the first topic created, with the driver's
+    # own (overflowed) numbers in the message.
+    with pytest.raises(InvalidURL, match=reason):
+        adapter(f"kafka://127.0.0.1?{query}")
+
+
+def test_values_at_the_drivers_limits_are_accepted() -> None:
+    adapter("kafka://127.0.0.1?linger=900&session_timeout=3600&message_max_bytes=1000000000"
+            "&replication_factor=-1&commit_interval=0")
+
+
 def test_a_url_without_hosts_or_with_a_path_is_refused() -> None:
     with pytest.raises(InvalidURL, match="bootstrap host"):
         adapter("kafka://")

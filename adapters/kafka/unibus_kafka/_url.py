@@ -31,25 +31,34 @@ HEADER_ALLOWANCE = 32 * 1024
 
 _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
+# librdkafka's limits: its times are int32 milliseconds; counts int32 on the wire.
+_INT32 = 2**31 - 1
+_MAX_MS_SECONDS = _INT32 // 1000
+
 OPTIONS = Options(
-    Option("partitions", int, 4, "partitions of each topic unibus creates", minimum=1),
+    Option("partitions", int, 4, "partitions of each topic unibus creates", minimum=1,
+           maximum=_INT32),
     Option("replication_factor", int, -1,
-           "replicas of each topic unibus creates (-1: the broker's default)", minimum=-1),
+           "replicas of each topic unibus creates (-1: the broker's default)", minimum=-1,
+           maximum=_INT32),
     Option("client_id", str, "unibus", "client.id reported to the broker"),
     Option("connect_timeout", float, 5.0,
-           "seconds to reach the bootstrap list before BrokerUnavailable", minimum=0.1),
+           "seconds to reach the bootstrap list before BrokerUnavailable", minimum=0.1,
+           maximum=_MAX_MS_SECONDS),
     Option("session_timeout", float, 6.0,
            "consumer group session timeout in seconds (the broker's "
-           "group.min.session.timeout.ms bounds it; 6 s is the default minimum)", minimum=0.1),
+           "group.min.session.timeout.ms bounds it; 6 s is the default minimum)", minimum=0.1,
+           maximum=3600),
     Option("publish_timeout", float, 30.0,
            "seconds librdkafka keeps retrying a message (message.timeout.ms) "
-           "before publish raises PublishFailed", minimum=0.1),
-    Option("linger", float, 0.005, "producer linger (batching window), seconds"),
+           "before publish raises PublishFailed", minimum=0.1, maximum=_MAX_MS_SECONDS),
+    Option("linger", float, 0.005, "producer linger (batching window), seconds",
+           maximum=900),
     Option("commit_interval", float, 0.2,
            "seconds between offset commits of settled messages"),
     Option("message_max_bytes", int, 1_000_000,
            "producer message.max.bytes; the largest body is this minus 32 KiB of headroom",
-           minimum=HEADER_ALLOWANCE + 1),
+           minimum=HEADER_ALLOWANCE + 1, maximum=1_000_000_000),
     Option("assignment_strategy", str, "cooperative-sticky",
            "partition.assignment.strategy of consumer groups",
            choices=("cooperative-sticky", "range", "roundrobin")),
@@ -196,6 +205,9 @@ def parse_settings(url: URL) -> Settings:
                          f"{url.scheme}://127.0.0.1:9092")
     if url.path not in ("", "/"):
         raise InvalidURL(f"{url.scheme}:// URLs take no path, got {url.path!r}")
+    if values["replication_factor"] == 0:
+        raise InvalidURL("option replication_factor=0: give -1 (the broker's default) "
+                         "or at least 1 replica")
     bootstrap = ",".join(
         f"{h.host if ':' not in h.host else f'[{h.host}]'}:{h.port or DEFAULT_PORT}"
         for h in url.hosts)
