@@ -311,6 +311,34 @@ async def test_a_migration_cut_after_the_target_confirmed_resumes_with_counted_d
     assert {m.id for m in received} == {m.id for m in sent}
 
 
+async def test_a_second_migration_on_a_checkpoint_in_use_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "orders.ckpt"
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(300))
+        publishing = asyncio.Event()
+
+        async def hold(messages: Sequence[unibus.Message]) -> None:
+            publishing.set()
+            await asyncio.Future()   # the first run is mid-batch while the second starts
+
+        HookedMemoryAdapter.before[dst.url.host or ""] = hold
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                                   checkpoint=checkpoint))
+        await publishing.wait()
+        # Its in-flight ids saved over the first run's would let a resume ack the first
+        # run's unconfirmed batch unpublished.
+        with pytest.raises(ValueError, match="in use by another migration"):
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=100, checkpoint=checkpoint)
+
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        del HookedMemoryAdapter.before[dst.url.host or ""]
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=100,
+                                      checkpoint=checkpoint)   # free again
+    assert (report.runs, report.written) == (2, 300)
+
+
 class WindowProbe:
     """A target hook that holds each publish until ``window`` of them run at once.
 

@@ -34,11 +34,15 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+if sys.platform != "win32":
+    import fcntl
 
 __all__ = ["KEPT_FAILURES", "Checkpoint", "CheckpointState", "Ledger", "TokenBucket"]
 
@@ -83,6 +87,36 @@ class Checkpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._temporary = path.with_name(path.name + ".tmp")
+        self._held: IO[bytes] | None = None
+
+    def lock(self) -> None:
+        """Hold the checkpoint for this run (``FILE.lock`` beside it, locked exclusively).
+
+        Two runs on one checkpoint would each save their own in-flight ids over the
+        other's, and a resume would then take the other's unconfirmed messages for
+        confirmed ones — and ack them unpublished. The lock is the kernel's
+        (``flock``): a killed run's goes with its process.
+
+        Raises:
+            ValueError: Another run holds it.
+        """
+        if sys.platform == "win32":
+            return   # no flock here: one run at a time is on you
+        handle = open(self.path.with_name(self.path.name + ".lock"), "ab")  # noqa: SIM115
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ValueError(f"{self.path} is in use by another migration that is still "
+                             "running; wait for it to end, or give another --checkpoint "
+                             "file") from None
+        self._held = handle
+
+    def unlock(self) -> None:
+        """Let the checkpoint go (idempotent)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()   # closing the file releases the lock
 
     def load(self) -> CheckpointState | None:
         """Return the saved state, or ``None`` when the file does not exist.

@@ -364,7 +364,13 @@ class _Engine:
                                       dry_run=dry_run)
         self._started = time.monotonic()
         self._seconds_before = 0.0
-        self._resume()
+        if self.checkpoint is not None:
+            self.checkpoint.lock()
+        try:
+            self._resume()
+        except BaseException:
+            self.close()
+            raise
 
     def _resume(self) -> None:
         if self.checkpoint is None:
@@ -397,6 +403,8 @@ class _Engine:
     def close(self) -> None:
         self.ledger.close()
         self.verify_ledger.close()
+        if self.checkpoint is not None:
+            self.checkpoint.unlock()
 
     def _tick(self) -> None:
         self.report.seconds = self._seconds_before + time.monotonic() - self._started
