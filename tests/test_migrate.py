@@ -705,20 +705,55 @@ async def test_the_ledger_keeps_every_body_of_a_reused_id_across_runs(
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, [first, second])
         await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint, verify=True)
-        # A lagging cursor gives the second message back: it was confirmed.
+        # A lagging cursor gives the second message back: it was confirmed, but an id
+        # with two bodies is not trusted to say so, and it is published again.
         await src.publish_many(TOPIC, [second])
         report = await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint,
                                       verify=True)
         held = await drain(dst, "readers")
-    assert [m.body for m in held] == [b"v1", b"v2"]
+    assert [m.body for m in held] == [b"v1", b"v2", b"v2"]
     # Counted over both runs: the reused id in the first, the copy given back in the
-    # second, acked unpublished.
-    assert (report.duplicates, report.republished) == (2, 1)
+    # second.
+    assert (report.duplicates, report.republished) == (2, 2)
     assert report.verify is not None
     assert report.verify.ok
     assert (report.verify.expected, report.verify.mismatched_count) == (2, 0)
+    assert report.verify.duplicates == 1
     ledger = checkpoint.with_name(checkpoint.name + ".ledger").read_text().splitlines()
     assert len(ledger) == 2
+
+
+async def test_a_resume_publishes_every_body_of_an_id_in_flight_when_it_was_cut(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    a, b = unibus.Message(b"A", id="X"), unibus.Message(b"B", id="X")
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, [a, unibus.Message(b"f1"), unibus.Message(b"f2"), b])
+        publishing = asyncio.Event()
+
+        async def hang(messages: Sequence[unibus.Message]) -> None:
+            publishing.set()
+            await asyncio.Future()   # the target never takes the batch
+
+        # One batch of all four, cut before the target wrote any: X in flight.
+        HookedMemoryAdapter.before[dst.url.host or ""] = hang
+        first = asyncio.create_task(unibus.migrate(src.url, dst.url, TOPIC, batch=4,
+                                                   checkpoint=checkpoint, verify=True))
+        await publishing.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        del HookedMemoryAdapter.before[dst.url.host or ""]
+        assert "X" in json.loads(checkpoint.read_text())["in_flight"]
+        # Two at a time: X/A comes back first, and X/B in a later batch, after X/A's
+        # batch was confirmed — X is no longer in flight, but X/B never was written.
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=2, window=1,
+                                      checkpoint=checkpoint, verify=True)
+        left = await drain(src, DEFAULT_GROUP)
+    assert left == []
+    assert report.verify is not None
+    assert (report.verify.lost_count, report.verify.ok) == (0, True)
+    assert report.written == 4
 
 
 async def test_a_checkpoint_of_another_migration_is_refused(tmp_path: Path) -> None:

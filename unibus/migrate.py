@@ -581,13 +581,15 @@ class _Engine:
         """Whether an earlier run's target confirmed this very message (same id, same body).
 
         Ledgered by an earlier run and no longer in flight: its batch was confirmed. The
-        body's hash must be one ledgered with the id too — another message that reuses
-        the id is published.
+        body's hash must be the one ledgered with the id too — another message that
+        reuses the id is published. An id ledgered with several bodies is never trusted:
+        what is in flight is kept by id, so once one of its bodies came back and was
+        published, the id no longer says whether the others were confirmed.
         """
-        if message_id not in self.read_before or self._flying(message_id):
+        if (message_id not in self.read_before or self._flying(message_id)
+                or message_id in self.other_bodies):
             return False
-        return bool(body_hash) and (body_hash == self.read_ids[message_id]
-                                    or body_hash in self.other_bodies.get(message_id, ()))
+        return bool(body_hash) and body_hash == self.read_ids[message_id]
 
     def _another_body(self, message_id: str, body_hash: str) -> bool:
         """Record ``body_hash`` for an id read before; whether it is a new body for it."""
