@@ -30,7 +30,9 @@ from unibus.migrate import (
     DEFAULT_VERIFY_GROUP,
     ORIGINAL_TIMESTAMP_HEADER,
     _forward,
+    _same_broker,
 )
+from unibus.url import make_url
 
 TOPIC = "orders.eu"
 Hook = Callable[[Sequence[unibus.Message]], Awaitable[None]]
@@ -828,6 +830,20 @@ async def test_a_migration_onto_its_own_topic_is_refused_and_to_topic_allows_it(
 
         assert report.written == 5
         assert len(await drain(src, "readers", "orders.copy")) == 5
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("nats://h:4222", "nats://u:secret@h:4222", False),            # another account
+    ("nats://u:one@h:4222", "nats://u:two@h:4222", True),          # the password aside
+    ("nats://h?prefix=old", "nats://h?prefix=new", False),          # subjects of its own
+    ("amqp://h/?exchange=a", "amqp://h/?exchange=b", False),
+    ("amqp://h/vh1", "amqp://h/vh2", False),
+    ("kafka://a:9092,b:9092", "kafka://b:9092,a:9092", True),       # hosts in any order
+    ("memory://x", "memory://y", False),
+])
+def test_the_same_broker_is_the_same_url_but_for_the_password(a: str, b: str,
+                                                               same: bool) -> None:
+    assert _same_broker(make_url(a), make_url(b)) is same
 
 
 async def test_a_failed_batch_goes_back_to_the_source_in_its_place() -> None:

@@ -462,7 +462,8 @@ class Delivery:
 
         A nack that fails otherwise — the adapter could not republish the message
         (a retry lane or queue refused it), or the call was cancelled — leaves the
-        delivery unsettled, to be settled again.
+        delivery unsettled, to be settled again. (A call cancelled after its copy was
+        sent: settling again can deliver the message twice, never lose it.)
 
         Raises:
             AlreadySettled: The delivery was settled before.

@@ -258,14 +258,17 @@ _trusted = Message.trusted
 
 
 def _same_broker(a: URL, b: URL) -> bool:
-    """Whether two URLs name one broker, seen by one user (one set of topics).
+    """Whether two URLs surely name one broker's same set of topics.
 
-    Options and passwords do not matter; the user does (a NATS account of its own
-    has its own subjects), and so does the order-free list of hosts and the path
-    (a RabbitMQ virtual host).
+    The password does not matter; everything else does: the order-free list of hosts,
+    the path (a RabbitMQ virtual host), the user and the options — a NATS account
+    (user, ``token``, ``creds``), a NATS subject ``prefix`` or a RabbitMQ ``exchange``
+    name topics of their own on one server. Refusing a migration that is not a loop
+    would leave no way round; missing a loop written another way (a default port
+    spelled out) only leaves what was there before.
     """
     return (a.scheme == b.scheme and set(a.hosts) == set(b.hosts) and a.path == b.path
-            and a.username == b.username)
+            and a.username == b.username and dict(a.query) == dict(b.query))
 
 
 def _forward(message: Message) -> Message:

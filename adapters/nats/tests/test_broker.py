@@ -106,6 +106,28 @@ async def test_emulated_delay_is_never_early(js_url: str, topic: str) -> None:
         assert arrived >= due
 
 
+async def test_a_reject_the_dead_letter_topic_refuses_leaves_the_delivery_to_settle_again(
+        js_url: str, topic: str) -> None:
+    async with unibus.connect(js_url) as bus:
+        async with bus.subscribe(topic, group="g", dead_letter=f"{topic}-dlq") as sub:
+            sent = await bus.publish(topic, b"poison")
+            [held] = await sub.fetch(1, timeout=5)
+
+            async def refuse(_topic: str, messages: Any) -> None:
+                raise PublishFailed("the dead-letter stream refused it (test)",
+                                    message_ids=tuple(m.id for m in messages))
+
+            sub._consumer._publish = refuse   # type: ignore[attr-defined]
+            with pytest.raises(PublishFailed):
+                await held.reject()
+            # Unsettled, still this consumer's (not given back): settled again, here.
+            assert not held.settled
+            await held.ack()
+            redelivery = bus.capabilities.timings.redelivery
+            assert await sub.fetch(1, timeout=redelivery + 1) == []
+        assert held.id == sent.id
+
+
 async def test_group_server_cap_follows_the_largest_prefetch(js_url: str, topic: str) -> None:
     async with unibus.connect(js_url) as bus:
         async with bus.subscribe(topic, group="g", prefetch=500):

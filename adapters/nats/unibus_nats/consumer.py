@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from unibus.errors import BrokerError, DeliveryLost, UnibusError
+from unibus.errors import DeliveryLost, UnibusError
 from unibus.message import Delivery, Message
 from unibus.spi import Consumer
 from unibus_nats import _wire as wire
@@ -378,11 +378,15 @@ class JetStreamConsumer(Consumer):
         if self._dead_letter is not None:
             try:
                 await self._publish(self._dead_letter, (delivery.message,))
-            except BrokerError:
-                # Not dead-lettered: give it back rather than drop it.
-                self._unsettled[reply] = delivery.token[1]
-                await self._send(reply, _NAK)
-                self._unsettled.pop(reply, None)
+            except BaseException:
+                # Not dead-lettered: still unsettled, as Delivery.reject promises — to be
+                # settled again, or given back when this consumer closes (or, if it has
+                # closed meanwhile, given back now).
+                if self._closed:
+                    with contextlib.suppress(UnibusError):
+                        await self._send(reply, _NAK)
+                else:
+                    self._unsettled[reply] = delivery.token[1]
                 raise
         await self._send(reply, _TERM)
         await self._pump_quietly()
