@@ -993,6 +993,82 @@ def test_cli_migrate_follow_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert (report["read"], report["error"]) == (0, None)
 
 
+_FILLED_MIGRATE = """
+import asyncio, sys
+import unibus
+from unibus.cli import main
+
+async def fill() -> unibus.Bus:
+    bus = unibus.connect("memory://a")   # left open: the broker outlives this loop
+    await bus.open()
+    await bus.declare_group(sys.argv[1], "unibus-migrate")
+    await bus.publish_many(sys.argv[1], [b"x"] * 50)
+    return bus
+
+source = asyncio.run(fill())
+sys.argv = ["unibus", *sys.argv[2:]]
+main()
+"""
+
+
+def test_cli_migrate_cut_short_by_sigterm_exits_143_and_says_so(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c.json"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FILLED_MIGRATE, TOPIC, "migrate", "--from", "memory://a",
+         "--to", "memory://b", "--topic", TOPIC, "--rate", "1", "--checkpoint",
+         str(checkpoint), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # 50 messages at 1 a second: the run is far from done when the signal comes.
+        deadline = time.monotonic() + 30
+        while not checkpoint.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "the migrator never started"
+            time.sleep(0.01)  # a poll interval: the file itself is the barrier
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    report = json.loads(out)
+    assert (report["interrupted"], report["error"]) == ("SIGTERM", None)
+    assert report["read"] < 50
+    assert "interrupted by SIGTERM" in err
+
+
+def test_cli_migrate_dry_run_exits_1_when_the_target_would_refuse_a_message(
+        held_pair: tuple[str, str]) -> None:
+    source, target = held_pair
+    asyncio.run(_publish_one(source, b"z" * 101))
+
+    result = runner.invoke(cli, ["migrate", "--from", source, "--to", target, "--topic", TOPIC,
+                                 "--dry-run"])
+
+    assert result.exit_code == 1
+    assert "would refuse" in result.stderr
+
+
+@pytest.mark.parametrize(("arguments", "code", "said"), [
+    (["--rate", "inf"], 2, "finite"),
+    (["--checkpoint", ""], 2, "file name"),
+    (["--checkpoint", "/nonexistent-dir/c"], 1, "No such file or directory"),
+])
+def test_cli_migrate_refuses_bad_rates_and_checkpoint_paths_in_one_line(
+        held_pair: tuple[str, str], arguments: list[str], code: int, said: str) -> None:
+    source, target = held_pair
+    result = runner.invoke(cli, ["migrate", "--from", source, "--to", target, "--topic", TOPIC,
+                                 *arguments])
+    assert result.exit_code == code
+    assert said in result.stderr
+    assert isinstance(result.exception, SystemExit)   # an exit, not an uncaught error
+
+
+def test_cli_migrate_json_prints_an_object_when_it_fails_before_moving_anything() -> None:
+    result = runner.invoke(cli, ["migrate", "--from", "memory://a", "--to", "bogus://b",
+                                 "--topic", TOPIC, "--json"])
+    assert result.exit_code == 1
+    assert "bogus" in json.loads(result.stdout)["error"]
+
+
 @pytest.mark.parametrize("stamp", [
     datetime(2026, 11, 27, 10, 54, 11, tzinfo=UTC),                 # a whole second
     datetime(2026, 11, 27, 10, 54, 11, 7, tzinfo=UTC),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -228,8 +229,9 @@ class TokenBucket:
     """
 
     def __init__(self, rate: float, batch: int) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be > 0 messages per second, got {rate}")
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a finite number > 0 of messages per second, "
+                             f"got {rate}")
         self.rate = rate
         #: The batch size the bucket admits: ``batch``, capped at one second's worth.
         self.batch = max(1, min(batch, int(rate)))

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -75,14 +76,20 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _describe_error(exc: BaseException) -> str:
+    """One line for an error: a unibus error names its type; a bad value or file
+    (a checkpoint path that is a directory, or in a missing one) says what it is."""
+    if isinstance(exc, unibus.UnibusError):
+        return f"{exc} ({type(exc).__name__})"
+    return str(exc)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; unibus errors become one red line and a non-zero exit."""
     try:
         return asyncio.run(coro)
-    except unibus.UnibusError as exc:
-        _fail(f"{exc} ({type(exc).__name__})")
-    except ValueError as exc:
-        _fail(str(exc))
+    except (unibus.UnibusError, ValueError, OSError) as exc:
+        _fail(_describe_error(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -442,13 +449,18 @@ async def _migrate(source: str, target: str, topic: str, *, group: str,
                    rate: float | None, batch: int, window: int, checkpoint: str | None,
                    dry_run: bool,
                    verify: bool, declare_groups: list[str],
-                   progress: Callable[[unibus.MigrationReport], None] | None
-                   ) -> unibus.MigrationReport:
+                   progress: Callable[[unibus.MigrationReport], None] | None,
+                   stopped_by: list[signal.Signals]) -> unibus.MigrationReport:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
     # SIGINT / SIGTERM finish the batches in flight, then report: nothing is left half done.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         return await unibus.migrate(
             source, target, topic, group=group, to_topic=to_topic, follow=follow,
@@ -461,10 +473,11 @@ async def _migrate(source: str, target: str, topic: str, *, group: str,
 
 
 def _print_migration(console: Console, report: unibus.MigrationReport) -> None:
-    title = (f"unibus migrate {escape(report.topic)}: {escape(report.source)} → "
-             f"{escape(report.target)} {escape(report.to_topic)}"
-             + (" (dry run)" if report.dry_run else ""))
-    table = Table(title=title, title_justify="left")
+    # Printed apart from the table, unwrapped: a URL cut at the table's width misreads.
+    console.print(f"unibus migrate {escape(report.topic)}: {escape(report.source)} → "
+                  f"{escape(report.target)} {escape(report.to_topic)}"
+                  + (" (dry run)" if report.dry_run else ""), soft_wrap=True)
+    table = Table()
     table.add_column("messages")
     table.add_column("count", justify="right")
     for name, value in (("read", report.read), ("written", report.written),
@@ -475,7 +488,7 @@ def _print_migration(console: Console, report: unibus.MigrationReport) -> None:
     console.print(f"{report.rate:,.0f} msgs/s over {report.seconds:.3f} s"
                   + (f" in {report.runs} runs" if report.runs > 1 else ""))
     for failure in report.failures:
-        console.print(f"[red]failed:[/] {escape(failure)}")
+        console.print(f"[red]failed:[/] {escape(failure)}", soft_wrap=True)
     checked = report.verify
     if checked is not None:
         verdict = "[green]ok[/]" if checked.ok else "[bold red]DIFFERENCES[/]"
@@ -532,18 +545,28 @@ def migrate(
     confirmed (at-least-once, resumable with --checkpoint)."""
     if until_empty and follow:
         _fail("give --until-empty or --follow, not both", code=2)
+    if rate is not None and not math.isfinite(rate):
+        _fail(f"--rate must be a finite number of messages per second, got {rate}", code=2)
+    if checkpoint == "":
+        _fail("--checkpoint needs a file name", code=2)
     console = _stdout()
+    stopped_by: list[signal.Signals] = []
 
     async def attempt(progress: Callable[[unibus.MigrationReport], None] | None
-                      ) -> tuple[unibus.MigrationReport, str | None]:
+                      ) -> tuple[unibus.MigrationReport | None, str | None]:
         try:
             report = await _migrate(
                 source, target, topic, group=group, to_topic=to_topic, follow=follow,
                 limit=limit, rate=rate, batch=batch, window=window, checkpoint=checkpoint,
                 dry_run=dry_run, verify=verify, declare_groups=declare_group or [],
-                progress=progress)
+                progress=progress, stopped_by=stopped_by)
         except unibus.MigrationFailed as exc:
             return exc.report, str(exc)
+        except (unibus.UnibusError, ValueError, OSError) as exc:
+            if not json_output:
+                raise   # one red line, from _run
+            # Failed before anything moved: --json still prints a JSON object.
+            return None, _describe_error(exc)
         return report, None
 
     if console.is_terminal and not json_output:
@@ -560,12 +583,26 @@ def migrate(
             report, error = _run(attempt(show))
     else:
         report, error = _run(attempt(None))
-    if json_output:
-        print(json.dumps({**report.to_dict(), "error": error}, ensure_ascii=False))
+    # A signal ends --follow as planned; any other run it cuts short, with the rest of
+    # the topic still on the source: that must not look like a finished migration.
+    interrupted = stopped_by[0] if stopped_by and not follow else None
+    if report is None:
+        print(json.dumps({"error": error}, ensure_ascii=False))
+    elif json_output:
+        print(json.dumps({**report.to_dict(), "error": error,
+                          "interrupted": None if interrupted is None else interrupted.name},
+                         ensure_ascii=False))
     else:
         _print_migration(console, report)
     if error is not None:
         _fail(error)
+    assert report is not None
+    if interrupted is not None:
+        _fail(f"interrupted by {interrupted.name}: the migration stopped before the source "
+              "was empty; run it again (with the same --checkpoint) to go on",
+              code=128 + interrupted.value)
+    if report.dry_run and report.failed:
+        _fail(f"the dry run found {report.failed} message(s) the target would refuse")
     if report.verify is not None and not report.verify.ok:
         _fail(f"verify found {report.verify.lost_count} lost and "
               f"{report.verify.mismatched_count} mismatched messages")
