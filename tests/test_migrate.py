@@ -758,6 +758,21 @@ async def test_a_resume_publishes_every_body_of_an_id_in_flight_when_it_was_cut(
     assert report.written == 4
 
 
+async def test_progress_first_reports_where_earlier_runs_left_the_counts(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    seen: list[int] = []
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sample(30))
+        await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint, limit=20,
+                             batch=10)
+        await unibus.migrate(src.url, dst.url, TOPIC, checkpoint=checkpoint, batch=10,
+                             progress=lambda report: seen.append(report.written))
+    # Before the first batch: the 20 of the first run (a bar counts this run's from it).
+    assert seen[0] == 20
+    assert seen[-1] == 30
+
+
 async def test_a_checkpoint_of_another_migration_is_refused(tmp_path: Path) -> None:
     checkpoint = tmp_path / "c"
     async with brokers() as (src, dst):

@@ -575,10 +575,14 @@ def migrate(
                    TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(f"migrating {escape(topic)}", total=limit, rate="")
+            before: list[int] = []   # the count earlier runs of a checkpoint left
 
             def show(report: unibus.MigrationReport) -> None:
-                bar.update(task, completed=report.read if report.dry_run else report.written,
-                           rate=f"{report.rate:,.0f}/s")
+                count = report.read if report.dry_run else report.written
+                if not before:
+                    before.append(count)   # the first call comes before any batch
+                # This run's messages, as --limit counts them, so the ETA holds.
+                bar.update(task, completed=count - before[0], rate=f"{report.rate:,.0f}/s")
 
             report, error = _run(attempt(show))
     else:

@@ -209,7 +209,8 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
         declare_groups: Groups to declare on the target topic before writing, so
             that a broker without replay (RabbitMQ) retains the messages for them.
         stop: Set it to stop after the batches in flight (e.g. on SIGTERM).
-        progress: Called with the running report after every batch.
+        progress: Called with the running report once before the first batch (with a
+            checkpoint, the counts of the earlier runs) and after every batch.
 
     Returns:
         The report; with ``checkpoint``, its counts add up over every run.
@@ -458,6 +459,8 @@ class _Engine:
         prefetch = limit if self.dry_run and limit is not None else (window + 1) * batch
         self._started = time.monotonic()
         self._save(sorted(self.returning), tick=False)
+        if self.progress is not None:
+            self.progress(self.report)   # where earlier runs left the counts
         taken = 0
         written_before = self.report.written
         flights = self.flights
