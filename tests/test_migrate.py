@@ -53,6 +53,19 @@ class HookedMemoryAdapter(MemoryAdapter):
             await hook(messages)
 
 
+def down_on_publish(number: int) -> Hook:
+    """A target hook: the ``number``-th publish finds the target unreachable."""
+    published = 0
+
+    async def hook(messages: Sequence[unibus.Message]) -> None:
+        nonlocal published
+        published += 1
+        if published == number:
+            raise BrokerUnavailable("target unreachable (test)")
+
+    return hook
+
+
 @pytest.fixture(autouse=True)
 def hooked_scheme() -> Iterator[None]:
     unibus.register("hooked-memory", HookedMemoryAdapter)
@@ -539,11 +552,7 @@ async def test_failed_messages_and_their_reasons_add_up_over_the_runs_of_a_check
     checkpoint = tmp_path / "orders.ckpt"
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sample(30))
-
-        async def down(messages: Sequence[unibus.Message]) -> None:
-            raise BrokerUnavailable("target down (test)")
-
-        HookedMemoryAdapter.before[dst.url.host or ""] = down
+        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(1)
         with pytest.raises(unibus.MigrationFailed) as caught:
             await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
                                  checkpoint=checkpoint)
@@ -643,15 +652,7 @@ async def test_verify_counts_what_the_source_still_owes_as_pending_not_lost(
     sent = sample(50)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        publishes = 0
-
-        async def down_on_the_second(messages: Sequence[unibus.Message]) -> None:
-            nonlocal publishes
-            publishes += 1
-            if publishes == 2:
-                raise BrokerUnavailable("target down (test)")
-
-        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_the_second
+        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(2)
         with pytest.raises(unibus.MigrationFailed):
             await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
                                  checkpoint=checkpoint, verify=True)
@@ -865,15 +866,7 @@ async def test_a_failed_batch_goes_back_to_the_source_in_its_place() -> None:
     async with brokers() as (src, dst):
         sent = sample(50, size=8)
         await src.publish_many(TOPIC, sent)
-        published = 0
-
-        async def second_batch_fails(messages: Sequence[unibus.Message]) -> None:
-            nonlocal published
-            published += 1
-            if published == 2:
-                raise BrokerUnavailable("target unreachable (test)")
-
-        HookedMemoryAdapter.before[dst.url.host or ""] = second_batch_fails
+        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(2)
         with pytest.raises(unibus.MigrationFailed):
             await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1)
 
@@ -950,13 +943,18 @@ def test_cli_migrate_prints_a_json_report_with_verify(held_pair: tuple[str, str]
     assert json.loads(checkpoint.read_text())["in_flight"] == []
 
 
-def test_cli_migrate_exits_1_with_the_reason_when_a_message_is_too_large(
+def test_cli_migrate_and_its_dry_run_exit_1_when_a_message_is_too_large(
         held_pair: tuple[str, str]) -> None:
     source, target = held_pair
     asyncio.run(_publish_one(source, b"z" * 101))
+    command = ["migrate", "--from", source, "--to", target, "--topic", TOPIC]
 
-    result = runner.invoke(cli, ["migrate", "--from", source, "--to", target, "--topic", TOPIC,
-                                 "--json"])
+    # A dry run first: it fails too, so `--dry-run && migrate` stops before moving.
+    dry = runner.invoke(cli, [*command, "--dry-run"])
+    assert dry.exit_code == 1
+    assert "would refuse" in dry.stderr
+
+    result = runner.invoke(cli, [*command, "--json"])
 
     assert result.exit_code == 1
     report = json.loads(result.stdout)
@@ -986,15 +984,13 @@ async def _publish_one(url: str, body: bytes) -> None:
         await bus.publish(TOPIC, body)
 
 
-def test_cli_migrate_follow_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "c.json"
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from unibus.cli import main; main()", "migrate",
-         "--from", "memory://a", "--to", "memory://b", "--topic", TOPIC, "--follow",
-         "--checkpoint", str(checkpoint), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def sigterm_once_started(command: list[str], checkpoint: Path) -> tuple[int, str, str]:
+    """Run ``command`` (a migrate with ``--checkpoint checkpoint``); send it SIGTERM once
+    its first checkpoint is written, which happens after its signal handlers are set.
+    Returns its exit status, stdout and stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
-        # The first checkpoint is written after the signal handlers are installed.
         deadline = time.monotonic() + 30
         while not checkpoint.exists() and process.poll() is None:
             assert time.monotonic() < deadline, "the migrator never started"
@@ -1003,7 +999,16 @@ def test_cli_migrate_follow_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         out, err = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode == 0, err
+    return process.returncode, out, err
+
+
+def test_cli_migrate_follow_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c.json"
+    code, out, err = sigterm_once_started(
+        [sys.executable, "-c", "from unibus.cli import main; main()", "migrate",
+         "--from", "memory://a", "--to", "memory://b", "--topic", TOPIC, "--follow",
+         "--checkpoint", str(checkpoint), "--json"], checkpoint)
+    assert code == 0, err
     report = json.loads(out)
     assert (report["read"], report["error"]) == (0, None)
 
@@ -1028,38 +1033,16 @@ main()
 
 def test_cli_migrate_cut_short_by_sigterm_exits_143_and_says_so(tmp_path: Path) -> None:
     checkpoint = tmp_path / "c.json"
-    process = subprocess.Popen(
+    # 50 messages at 1 a second: the run is far from done when the signal comes.
+    code, out, err = sigterm_once_started(
         [sys.executable, "-c", _FILLED_MIGRATE, TOPIC, "migrate", "--from", "memory://a",
          "--to", "memory://b", "--topic", TOPIC, "--rate", "1", "--checkpoint",
-         str(checkpoint), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # 50 messages at 1 a second: the run is far from done when the signal comes.
-        deadline = time.monotonic() + 30
-        while not checkpoint.exists() and process.poll() is None:
-            assert time.monotonic() < deadline, "the migrator never started"
-            time.sleep(0.01)  # a poll interval: the file itself is the barrier
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, err
+         str(checkpoint), "--json"], checkpoint)
+    assert code == 128 + signal.SIGTERM, err
     report = json.loads(out)
     assert (report["interrupted"], report["error"]) == ("SIGTERM", None)
     assert report["read"] < 50
     assert "interrupted by SIGTERM" in err
-
-
-def test_cli_migrate_dry_run_exits_1_when_the_target_would_refuse_a_message(
-        held_pair: tuple[str, str]) -> None:
-    source, target = held_pair
-    asyncio.run(_publish_one(source, b"z" * 101))
-
-    result = runner.invoke(cli, ["migrate", "--from", source, "--to", target, "--topic", TOPIC,
-                                 "--dry-run"])
-
-    assert result.exit_code == 1
-    assert "would refuse" in result.stderr
 
 
 @pytest.mark.parametrize(("arguments", "code", "said"), [
