@@ -673,6 +673,31 @@ async def test_verify_counts_what_the_source_still_owes_as_pending_not_lost(
     assert verified.to_dict()["pending"] == 5
 
 
+async def test_verify_counts_lost_what_an_emptied_source_never_gave_back(
+        tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    sent = sample(20)
+    async with brokers() as (src, dst):
+        await src.publish_many(TOPIC, sent)
+        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(2)
+        with pytest.raises(unibus.MigrationFailed):
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                 checkpoint=checkpoint, verify=True)
+        del HookedMemoryAdapter.before[dst.url.host or ""]
+        # A source that drops what it owed: the second batch is gone from it.
+        assert len(await drain(src, DEFAULT_GROUP)) == 10
+
+        report = await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                      checkpoint=checkpoint, verify=True)
+
+    verified = report.verify
+    assert verified is not None
+    # The run found the source empty after its redelivery time: not pending, lost.
+    assert (verified.pending_count, verified.lost_count, verified.ok) == (0, 10, False)
+    assert set(verified.lost) == {m.id for m in sent[10:]}
+    assert any("never came back" in note for note in verified.notes)
+
+
 async def test_verify_passes_messages_that_share_an_id_with_different_bodies() -> None:
     first, second = (unibus.Message(b"v1", id="order-1"), unibus.Message(b"v2", id="order-1"))
     async with brokers() as (src, dst):

@@ -363,6 +363,9 @@ class _Engine:
         self.read_before: set[str] = set()
         #: Batches published and not yet settled, oldest first.
         self.flights: deque[_Flight] = deque()
+        #: The source proved empty (not a stop, a limit or --follow's end): what an
+        #: earlier run left in flight had its redelivery time to come back.
+        self.drained = False
         self.report = MigrationReport(source=self.state.source, target=self.state.target,
                                       topic=topic, to_topic=to_topic, group=group,
                                       dry_run=dry_run)
@@ -486,6 +489,7 @@ class _Engine:
                             await self._settle()
                     deliveries = await reading
                     if not deliveries:
+                        self.drained = not follow and not stop.is_set()
                         reading = read_next() if follow else None
                         continue
                     taken += len(deliveries)
@@ -760,9 +764,16 @@ class _Engine:
             self.progress(self.report)
 
     async def _verify(self, group: str, batch: int) -> VerifyReport:
-        # Ids still returning were never confirmed and are still unacked on the source
-        # (their run failed or was killed, and this one stopped before reading them):
-        # owed by the source, not lost by the target.
-        return await read_back(self.dst, self.state.to_topic, group, batch,
-                               self.read_ids, self.verify_ledger, self.returning,
-                               self.other_bodies)
+        # Ids still returning were never confirmed and are unacked on the source (their
+        # run failed or was killed): owed by the source, not lost by the target — while
+        # this run stopped before it could read them. Once it found the source empty,
+        # having waited the source's redelivery time, they are not coming back: lost.
+        owed = () if self.drained else self.returning
+        report = await read_back(self.dst, self.state.to_topic, group, batch,
+                                 self.read_ids, self.verify_ledger, owed, self.other_bodies)
+        if self.drained and self.returning:
+            report.notes.append(
+                f"{len(self.returning)} message(s) in flight when an earlier run stopped "
+                "never came back from the source, though it was found empty after its "
+                "redelivery time: counted lost where the target lacks them")
+        return report
