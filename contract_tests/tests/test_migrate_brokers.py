@@ -156,6 +156,7 @@ def test_a_sigkilled_migration_resumes_with_nothing_lost_and_duplicates_counted(
     assert report["failed"] == 0
     assert verify["ok"] is True
     assert (verify["expected"], verify["lost"], verify["mismatched"]) == (COUNT, 0, 0)
+    assert verify["pending"] == 0   # nothing still owed by the source either
     assert verify["unexpected"] == 0
     assert verify["received"] == COUNT + verify["duplicates"]
     # Every extra copy on the target is a message the migrator republished and counted,

@@ -285,6 +285,26 @@ async def test_a_publish_still_creating_its_topic_when_the_bus_closes_fails_not_
         await asyncio.wait_for(publishing, 10)
 
 
+async def test_a_held_delivery_keeps_the_commit_point_below_it_whatever_is_acked_after(
+        kafka_url: str) -> None:
+    # Acks out of order, then a close (which commits what is settled): the commit
+    # point is the highest *contiguous* settled offset, not the highest settled one.
+    topic, group = fresh("t"), fresh("g")
+    async with unibus.connect(f"{kafka_url}&partitions=1") as bus:
+        await bus.declare_group(topic, group)
+        sent = await bus.publish_many(topic, [f"m{i}".encode() for i in range(10)])
+        async with bus.subscribe(topic, group=group, prefetch=10) as sub:
+            got: list[unibus.Delivery] = []
+            while len(got) < 10:
+                got += await sub.fetch(10 - len(got), timeout=10)
+            assert [d.id for d in got] == [m.id for m in sent]
+            for delivery in got[1:]:
+                await delivery.ack()   # the first is held, unsettled, at the close
+        async with bus.subscribe(topic, group=group) as sub:
+            again = await sub.fetch(10, timeout=10)
+    assert [d.id for d in again][:1] == [sent[0].id]
+
+
 async def test_many_concurrent_publishers_share_one_producer(kafka_url: str) -> None:
     topic = fresh("t")
     async with unibus.connect(kafka_url) as bus:

@@ -1,4 +1,5 @@
-"""Fault scenarios on a real Kafka broker: G1 (broker restart) and G3 (consumer SIGKILL).
+"""Fault scenarios on a real Kafka broker: G1 (broker restart) and G3 (consumer SIGKILL),
+and a publish that a paused broker never confirms (it must fail, not claim success).
 
 Each prints its figures — published, confirmed, received unique, duplicates, lost,
 recovery seconds — and asserts that no confirmed message is lost.
@@ -155,3 +156,20 @@ async def test_g3_consumer_sigkilled_mid_batch_loses_nothing(kafka_url: str,
                          f"unsettled_redelivered={len(unsettled_at_kill & set(received))}").lost
     assert lost == 0
     assert unsettled_at_kill <= set(received)
+
+
+async def test_a_publish_the_paused_broker_never_confirms_fails_and_claims_nothing(
+        kafka_broker: Any, kafka_url: str) -> None:
+    # G1's publisher outlives the restart, so librdkafka delivers whatever it queued:
+    # a publish that returned before its reports would pass it. This one gives up.
+    topic = f"unconfirmed-{uuid.uuid4().hex[:12]}"
+    async with unibus.connect(f"{kafka_url}&publish_timeout=3") as bus:
+        await bus.publish(topic, b"the topic exists")
+        await asyncio.to_thread(kafka_broker.pause)
+        try:
+            with pytest.raises(BrokerError) as refused:
+                await bus.publish_many(topic, [b"never confirmed"] * 100)
+        finally:
+            await asyncio.to_thread(kafka_broker.unpause)
+    assert len(getattr(refused.value, "message_ids", ())) == 100
+
