@@ -646,16 +646,25 @@ async def test_verify_reports_lost_messages_and_body_mismatches(tmp_path: Path) 
     assert report.verify.duplicates == 0
 
 
+async def run_failing_on_the_second_batch(src: unibus.Bus, dst: unibus.Bus,
+                                          checkpoint: Path) -> None:
+    """A verified run in batches of 10 whose target refuses the second batch."""
+    HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(2)
+    try:
+        with pytest.raises(unibus.MigrationFailed):
+            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
+                                 checkpoint=checkpoint, verify=True)
+    finally:
+        del HookedMemoryAdapter.before[dst.url.host or ""]
+
+
 async def test_verify_counts_what_the_source_still_owes_as_pending_not_lost(
         tmp_path: Path) -> None:
     checkpoint = tmp_path / "c"
     sent = sample(50)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(2)
-        with pytest.raises(unibus.MigrationFailed):
-            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
-                                 checkpoint=checkpoint, verify=True)
+        await run_failing_on_the_second_batch(src, dst, checkpoint)
         # The second batch went back to the source, in its place, its ids still in
         # flight; this run reads 5 of them and stops before the other 5.
         report = await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
@@ -679,11 +688,7 @@ async def test_verify_counts_lost_what_an_emptied_source_never_gave_back(
     sent = sample(20)
     async with brokers() as (src, dst):
         await src.publish_many(TOPIC, sent)
-        HookedMemoryAdapter.before[dst.url.host or ""] = down_on_publish(2)
-        with pytest.raises(unibus.MigrationFailed):
-            await unibus.migrate(src.url, dst.url, TOPIC, batch=10, window=1,
-                                 checkpoint=checkpoint, verify=True)
-        del HookedMemoryAdapter.before[dst.url.host or ""]
+        await run_failing_on_the_second_batch(src, dst, checkpoint)
         # A source that drops what it owed: the second batch is gone from it.
         assert len(await drain(src, DEFAULT_GROUP)) == 10
 
