@@ -865,6 +865,12 @@ async def test_a_stop_while_a_low_rate_paces_returns_at_once_leaving_the_rest() 
         assert len(await drain(src, DEFAULT_GROUP)) == 9   # back on the source, unacked
 
 
+async def test_an_empty_to_topic_is_an_invalid_name_not_the_same_topic() -> None:
+    async with brokers() as (src, dst):
+        with pytest.raises(unibus.InvalidName):
+            await unibus.migrate(src.url, dst.url, TOPIC, to_topic="")
+
+
 async def test_a_migration_onto_its_own_topic_is_refused_and_to_topic_allows_it() -> None:
     async with brokers() as (src, _dst):
         await src.publish_many(TOPIC, sample(5))

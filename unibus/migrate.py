@@ -233,7 +233,7 @@ async def migrate(source: str | URL, target: str | URL, topic: str, *,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     bucket = TokenBucket(rate, batch) if rate is not None else None
-    destination = to_topic or topic
+    destination = topic if to_topic is None else to_topic
     if destination == topic and _same_broker(make_url(source), make_url(target)):
         raise ValueError(
             f"the source and the target are the same broker and topic ({topic!r}): every "
