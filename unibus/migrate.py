@@ -742,16 +742,15 @@ class _Engine:
                 unwritten.extend(flight.rest)
                 reasons[reason] = reasons.get(reason, 0) + len(flight.rest)
                 first = first or MessageTooLarge(reason)
-        # As in _settle: the confirmed batches are counted, and saved, before their acks.
-        self._save([*self.returning, *(d.message.id for d in unwritten)])
-        await self._ack(confirmed)
         report.failed += len(unwritten)
         report.failures.extend(f"{count} message(s) not written: {reason}"
                                for reason, count in reasons.items())
+        # As in _settle: the confirmed batches are counted, and saved, before their acks.
+        self._save([*self.returning, *(d.message.id for d in unwritten)])
+        await self._ack(confirmed)
         # Not nacked: the subscription closes with them unsettled, which gives them back
         # where they were (a nack would queue them behind the rest, and on Kafka copy
         # them to the retry lane and commit the originals).
-        self._save([*self.returning, *(d.message.id for d in unwritten)])
         raise MigrationFailed(
             f"the target {report.target} failed on {report.to_topic!r}: "
             f"{next(iter(reasons), 'no batch confirmed')}; "
