@@ -72,7 +72,7 @@ class _Batch:
     ``seal`` itself — and finishes the batch.
     """
 
-    __slots__ = ("_count", "abandoned", "errors", "expected", "future", "loop")
+    __slots__ = ("_count", "errors", "expected", "future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -80,8 +80,6 @@ class _Batch:
         self._count = itertools.count(1)
         self.expected = -2
         self.errors: list[tuple[Any, Any]] = []
-        #: The producer closed with reports of this batch still owed (event loop).
-        self.abandoned = False
 
     def report(self, error: Any, record: Any) -> None:
         """The delivery callback."""
@@ -100,12 +98,6 @@ class _Batch:
         if not self.future.done():
             self.future.set_result(None)
 
-    def abandon(self) -> None:
-        """The producer is closed and will serve no more reports (event loop)."""
-        if not self.future.done():
-            self.abandoned = True
-            self.future.set_result(None)
-
 
 class Producer:
     """The adapter's producer and admin client (see the module docstring)."""
@@ -122,8 +114,6 @@ class Producer:
         # event loop serves the reports itself (``loop_serves`` tells the poll thread
         # to keep off; ``_handback`` wakes it when the loop stops).
         self._awaited = 0
-        # The publishes waiting for reports: failed by close, if it leaves any waiting.
-        self._batches: set[_Batch] = set()
         self._timer: asyncio.Handle | None = None
         self.loop_serves = False
         self._handback = threading.Event()
@@ -243,11 +233,6 @@ class Producer:
                         producer.purge()
                         producer.poll(0)
             await asyncio.to_thread(finish)
-        # Flushed or purged, every queued record has had its report. A publish that
-        # queued after the flush (it was creating its topic when the close came) would
-        # wait for ever: it fails instead.
-        for batch in self._batches:
-            batch.abandon()
 
     # -- topics ------------------------------------------------------------------
 
@@ -343,8 +328,9 @@ class Producer:
         if self.fatal_error is not None:
             raise to_unibus(self.fatal_error, "the Kafka producer failed", self._scrub)
         await self.ensure_topics((topic,))
-        if self._producer is not producer:
-            raise BrokerUnavailable("the Kafka adapter was closed while publishing")
+        # Queued after close flushed (the topic was being created), a record would never
+        # be reported: every queued one is flushed or purged, each with its report.
+        self._still_open(producer)
         loop = asyncio.get_running_loop()
         batch = _Batch(loop)
         count = len(messages)
@@ -353,17 +339,11 @@ class Producer:
         if self._awaited >= _LOOP_SERVES_FROM and self._timer is None:
             self.loop_serves = True
             self._timer = loop.call_soon(self._serve_reports)
-        self._batches.add(batch)
         try:
             failure = await self._produce(producer, topic, messages, extra, batch)
             await batch.future
         finally:
             self._awaited -= count
-            self._batches.discard(batch)
-        if batch.abandoned:
-            raise PublishFailed(f"the Kafka adapter was closed before every message to "
-                                f"{topic!r} was confirmed",
-                                message_ids=tuple(m.id for m in messages))
         if batch.errors:
             error, _ = batch.errors[0]
             ids = tuple(record_id(record) for _, record in batch.errors)
@@ -408,9 +388,7 @@ class Producer:
                         # The local queue is full: give the driver time to send and the
                         # reports time to be served.
                         await asyncio.sleep(0.002)
-                        if self._producer is not producer:
-                            raise BrokerUnavailable("the Kafka adapter was closed "
-                                                    "while publishing") from None
+                        self._still_open(producer)
                 sent += 1
                 if not sent % _SERVE_PER:
                     producer.poll(0)   # the reports of what went before, on this thread
@@ -418,6 +396,15 @@ class Producer:
             failure = self._refused(exc, topic, messages[sent:])
         batch.seal(sent)
         return failure
+
+    def _still_open(self, producer: Any) -> None:
+        """Raise if the adapter closed (and flushed ``producer``) while a publish waited.
+
+        Raises:
+            BrokerUnavailable: It did.
+        """
+        if self._producer is not producer:
+            raise BrokerUnavailable("the Kafka adapter was closed while publishing")
 
     def _refused(self, exc: Exception, topic: str, unsent: Sequence[Message]) -> UnibusError:
         ids = tuple(m.id for m in unsent)
