@@ -223,9 +223,10 @@ async def test_a_nack_the_retry_lane_refuses_leaves_the_delivery_to_be_settled_a
     async with unibus.connect(kafka_url) as writer, \
             unibus.connect(f"{kafka_url}&message_max_bytes=40000") as bus:
         # Readable by the small bus, too large for its producer to copy to the lane.
+        # One key: one partition, so the big record is read first.
         await writer.declare_group(topic, group)
-        big = await writer.publish(topic, b"x" * 45_000)
-        after = await writer.publish(topic, b"after")
+        big = await writer.publish(topic, b"x" * 45_000, key="k")
+        after = await writer.publish(topic, b"after", key="k")
         async with bus.subscribe(topic, group=group, prefetch=1) as sub:
             [held] = await sub.fetch(1, timeout=10)
             assert held.id == big.id
