@@ -53,7 +53,7 @@ import unibus
 from benchmarks import bench_kafka, bench_nats, bench_rabbitmq
 from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP, DEFAULT_WINDOW, _forward
 from unibus.url import make_url
-from unibus_kafka._codec import encode_headers
+from unibus_kafka._codec import encode_headers, meta
 
 NAMES = ("memory", "rabbitmq", "kafka", "nats")
 ALL_PAIRS = [("rabbitmq", "kafka"), ("kafka", "nats"), ("nats", "rabbitmq"),
@@ -137,13 +137,15 @@ async def raw_rates(side: Side, count: int, body_size: int, *,
         published = await timed(asyncio.to_thread(kafka.publish, producer, topic, bodies[0]))
         consumed = (await timed(asyncio.to_thread(kafka.consume, topic, count)) if consume
                     else nan)
-        # The headers the Kafka adapter writes for a message migrate forwarded.
-        headers = [encode_headers(_forward(unibus.Message(bodies[0]))) for _ in range(count)]
+        # The headers the Kafka adapter writes for a message migrate forwarded: its
+        # own (id and timestamp) and the original timestamp.
+        metas = [meta(unibus.Message(b"")) for _ in range(count)]
+        more = encode_headers(_forward(unibus.Message(b"")))[1:]
         topic = bench_kafka.fresh("raw-hdrs")
         async with unibus.connect(side.url) as bus:
             await bus.declare_group(topic, "unused")
         with_headers = await timed(asyncio.to_thread(kafka.publish, producer, topic,
-                                                     bodies[0], headers))
+                                                     bodies[0], metas, more))
         return count / published, count / consumed, count / with_headers
     if side.kind == "nats":
         nats_config = bench_nats.Config(url=side.url, messages=count, body_size=body_size,
