@@ -76,6 +76,11 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+#: The errors a command reports as one line (and, with ``--json``, as a JSON object):
+#: unibus's own, a bad value, a file that cannot be used.
+_REPORTED = (unibus.UnibusError, ValueError, OSError)
+
+
 def _describe_error(exc: BaseException) -> str:
     """One line for an error: a unibus error names its type; a bad value or file
     (a checkpoint path that is a directory, or in a missing one) says what it is."""
@@ -88,7 +93,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; unibus errors become one red line and a non-zero exit."""
     try:
         return asyncio.run(coro)
-    except (unibus.UnibusError, ValueError, OSError) as exc:
+    except _REPORTED as exc:
         _fail(_describe_error(exc))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -562,7 +567,7 @@ def migrate(
                 progress=progress, stopped_by=stopped_by)
         except unibus.MigrationFailed as exc:
             return exc.report, str(exc)
-        except (unibus.UnibusError, ValueError, OSError) as exc:
+        except _REPORTED as exc:
             if not json_output:
                 raise   # one red line, from _run
             # Failed before anything moved: --json still prints a JSON object.
