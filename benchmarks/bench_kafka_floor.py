@@ -19,7 +19,10 @@ Publishing (every delivery report awaited, ``acks=all``, idempotent, one warm pr
   one ``unibus.msg`` header that carries the id and the exact timestamp (contract
   property A6), a positional ``produce``, one callback counting the reports, ``poll``
   once per 1,024 records, then ``flush``;
-- ``API-shaped, no header``: the same without the header (what A6 costs).
+- ``API-shaped, no header``: the same without the header (what A6 costs);
+- ``adapter``: the adapter itself, ``bus.publish_many(topic, bodies)`` of the same N
+  bodies in one call (every report awaited): how far the adapter's publish sits
+  from the floor, in the same rounds.
 
 Consuming, over the same records already in memory (taken once from the driver, the
 driver's cost timed apart):
@@ -242,6 +245,22 @@ def cpu_us(work: Callable[[], object], count: int) -> tuple[float, float]:
     return count / (time.perf_counter() - wall), (time.process_time() - cpu) / count * 1e6
 
 
+async def cpu_us_of(work: Awaitable[object], count: int) -> tuple[float, float]:
+    """:func:`cpu_us` of a coroutine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    await work
+    return count / (time.perf_counter() - wall), (time.process_time() - cpu) / count * 1e6
+
+
+def timed(work: Callable[[str], object], count: int
+          ) -> Callable[[str], Awaitable[tuple[float, float]]]:
+    """A phase of ``count`` records of blocking work on a topic, run on the event loop
+    itself (nothing else runs meanwhile), timed by :func:`cpu_us`."""
+    async def phase(topic: str) -> tuple[float, float]:
+        return cpu_us(partial(work, topic), count)
+    return phase
+
+
 def main() -> None:
     parser = arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -270,22 +289,23 @@ async def measure(config: Config, rounds: int) -> None:
         # bench_kafka.py's raw producer (idempotent, acks=all, linger 5 ms), warm.
         producer = raw.warm_producer(await topic())
         publish: dict[str, list[tuple[float, float]]] = {
-            "raw": [], "API-shaped": [], "API-shaped, no header": []}
+            "raw": [], "API-shaped": [], "API-shaped, no header": [], "adapter": []}
         # (driver, raw loop, API-shaped loop, adapter loop), µs a record
         floors: list[tuple[float, float, float, float]] = []
         for number in range(rounds):
-            phases: list[tuple[str, Callable[[str], object]]] = [
-                ("raw", partial(raw.publish, producer, body=body)),
-                ("API-shaped", partial(publish_shaped, producer, body=body, count=n,
-                                       header=True)),
-                ("API-shaped, no header", partial(publish_shaped, producer, body=body,
-                                                  count=n, header=False))]
+            phases: list[tuple[str, Callable[[str], Awaitable[tuple[float, float]]]]] = [
+                ("raw", timed(partial(raw.publish, producer, body=body), n)),
+                ("API-shaped", timed(partial(publish_shaped, producer, body=body, count=n,
+                                             header=True), n)),
+                ("API-shaped, no header", timed(partial(publish_shaped, producer,
+                                                        body=body, count=n, header=False), n)),
+                ("adapter", lambda name: cpu_us_of(bus.publish_many(name, [body] * n), n))]
             if number % 2:
                 phases.reverse()   # against drift
             topics: dict[str, str] = {}
             for name, work in phases:
                 topics[name] = await topic()
-                publish[name].append(cpu_us(partial(work, topics[name]), n))
+                publish[name].append(await work(topics[name]))
             driver = read(raw, topics["API-shaped"], n, keep=False)[1]
             batches = read(raw, topics["API-shaped"], n, keep=True)[0]
             # Best of three: the records are in memory, nothing waits but the CPU.
