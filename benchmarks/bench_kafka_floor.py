@@ -252,13 +252,9 @@ async def cpu_us_of(work: Awaitable[object], count: int) -> tuple[float, float]:
     return count / (time.perf_counter() - wall), (time.process_time() - cpu) / count * 1e6
 
 
-def timed(work: Callable[[str], object], count: int
-          ) -> Callable[[str], Awaitable[tuple[float, float]]]:
-    """A phase of ``count`` records of blocking work on a topic, run on the event loop
-    itself (nothing else runs meanwhile), timed by :func:`cpu_us`."""
-    async def phase(topic: str) -> tuple[float, float]:
-        return cpu_us(partial(work, topic), count)
-    return phase
+async def blocking(work: Callable[[], object]) -> None:
+    """Blocking work, run on the event loop itself (nothing else runs meanwhile)."""
+    work()
 
 
 def main() -> None:
@@ -293,19 +289,19 @@ async def measure(config: Config, rounds: int) -> None:
         # (driver, raw loop, API-shaped loop, adapter loop), µs a record
         floors: list[tuple[float, float, float, float]] = []
         for number in range(rounds):
-            phases: list[tuple[str, Callable[[str], Awaitable[tuple[float, float]]]]] = [
-                ("raw", timed(partial(raw.publish, producer, body=body), n)),
-                ("API-shaped", timed(partial(publish_shaped, producer, body=body, count=n,
-                                             header=True), n)),
-                ("API-shaped, no header", timed(partial(publish_shaped, producer,
-                                                        body=body, count=n, header=False), n)),
-                ("adapter", lambda name: cpu_us_of(bus.publish_many(name, [body] * n), n))]
+            phases: list[tuple[str, Callable[[str], Awaitable[object]]]] = [
+                ("raw", lambda name: blocking(partial(raw.publish, producer, name, body))),
+                ("API-shaped", lambda name: blocking(partial(
+                    publish_shaped, producer, name, body, n, header=True))),
+                ("API-shaped, no header", lambda name: blocking(partial(
+                    publish_shaped, producer, name, body, n, header=False))),
+                ("adapter", lambda name: bus.publish_many(name, [body] * n))]
             if number % 2:
                 phases.reverse()   # against drift
             topics: dict[str, str] = {}
             for name, work in phases:
                 topics[name] = await topic()
-                publish[name].append(await work(topics[name]))
+                publish[name].append(await cpu_us_of(work(topics[name]), n))
             driver = read(raw, topics["API-shaped"], n, keep=False)[1]
             batches = read(raw, topics["API-shaped"], n, keep=True)[0]
             # Best of three: the records are in memory, nothing waits but the CPU.
