@@ -291,6 +291,8 @@ async def test_rabbitmq_round_trips_and_survives_restart_pause_and_stop(
     restore.append(broker)
     _assert_started(broker, RABBITMQ)
     url = broker.url
+    assert f":{urlsplit(url).password}@" in url
+    assert f":{urlsplit(url).password}@" not in repr(broker), "the repr hides the password"
     await _amqp_round_trip(url)
 
     durable_queue, kept = new_topic_name("kept"), uuid.uuid4().bytes

@@ -27,6 +27,7 @@ import uuid
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from unibus.url import make_url
 from unibus_contract.provision.specs import LOOPBACK, BrokerSpec, Layout, NetworkMode, free_port
 
 if TYPE_CHECKING:
@@ -120,7 +121,8 @@ class Broker:
         self._container.with_name(f"unibus-{spec.name}-{layout.instance}")
 
     def __repr__(self) -> str:
-        return f"<Broker {self.spec.name} {self.url} image={self.image} {self.layout.mode.value}>"
+        shown = make_url(self.url)   # the password hidden
+        return f"<Broker {self.spec.name} {shown} image={self.image} {self.layout.mode.value}>"
 
     @property
     def port(self) -> int:
