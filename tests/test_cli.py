@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -168,3 +169,100 @@ def test_a_header_without_equals_is_a_usage_error() -> None:
     result = runner.invoke(cli, ["publish", "t", "x", "--header", "novalue"])
     assert result.exit_code == 2
     assert "NAME=VALUE" in result.output
+
+
+# --- unibus check: the contract suite against a live broker, in its own process ---------
+
+#: A user's adapter that breaks one property: it drops every message with an empty
+#: body, so A3 (an empty body arrives as b"") fails while A2 (bodies byte-exact) holds.
+LOSSY_ADAPTER = '''
+from unibus.memory import MemoryAdapter
+
+
+class EmptyBodiesLost(MemoryAdapter):
+    async def publish(self, topic, messages, *, not_before=None):
+        kept = [message for message in messages if message.body]
+        await super().publish(topic, kept, not_before=not_before)
+'''
+
+
+def unibus_check(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``unibus check`` as a user would: the installed script, in ``cwd``."""
+    script = Path(sys.executable).parent / "unibus"
+    return subprocess.run([str(script), "check", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120, check=False)
+
+
+def report_lines(stdout: str) -> dict[str, str]:
+    """The semantics report's rows of one target: property → status."""
+    row = re.compile(r"^([A-F]\d)\s+(held|declared absent|failed|not run)\s")
+    return {m[1]: m[2] for m in map(row.match, stdout.splitlines()) if m}
+
+
+def test_check_prints_the_report_and_exits_zero_when_the_contract_holds(
+        tmp_path: Path) -> None:
+    done = unibus_check("memory://", "--property", "A2,b1", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = report_lines(done.stdout)
+    assert (rows["A2"], rows["B1"]) == ("held", "held")
+    assert rows["A1"] == "not run", "an unselected property is reported 'not run'"
+    assert len(rows) == 38
+    assert re.search(r"\d+ passed, \d+ deselected", done.stdout)
+    assert list(tmp_path.iterdir()) == [], "check writes nothing where it runs by default"
+
+
+def test_check_json_prints_the_report_and_writes_it_where_asked(tmp_path: Path) -> None:
+    done = unibus_check("memory://", "--property", "A3", "--json", "--name", "mine",
+                        "--report", "out/semantics.md", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["targets"] == ["mine"]
+    assert printed["status"]["mine"]["A3"] == "held"
+    assert printed["status"]["mine"]["A1"] == "not run"
+    assert "passed" in done.stderr, "the scenarios' progress goes to stderr"
+    written = json.loads((tmp_path / "out" / "semantics.json").read_text(encoding="utf-8"))
+    assert written == printed
+    assert "| A3 |" in (tmp_path / "out" / "semantics.md").read_text(encoding="utf-8")
+
+
+def test_check_fails_with_exit_1_on_an_adapter_that_breaks_a_property(
+        tmp_path: Path) -> None:
+    (tmp_path / "lossy_adapter.py").write_text(LOSSY_ADAPTER, encoding="utf-8")
+    done = unibus_check("lossy://x", "--adapter", "lossy=lossy_adapter:EmptyBodiesLost",
+                        "--property", "A2,A3", "--json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    status = json.loads(done.stdout)["status"]["lossy"]
+    assert (status["A2"], status["A3"]) == ("held", "failed")
+    assert "the contract does not hold on lossy://x" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--property", "Z9"], "unknown contract property Z9"),
+    (["--adapter", "nomodule"], "expected SCHEME=MODULE:FACTORY"),
+])
+def test_check_usage_errors_exit_2(tmp_path: Path, args: list[str], said: str) -> None:
+    done = unibus_check("memory://", *args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert said in done.stdout + done.stderr
+
+
+def test_check_on_an_unreachable_broker_is_one_line_without_the_password(
+        tmp_path: Path) -> None:
+    done = unibus_check("memory://app:hunter2@nobody-here?create=false", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "BrokerUnavailable" in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "passed" not in done.stdout, "no scenario runs against a broker it cannot reach"
+
+
+def test_check_without_the_contract_suite_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "unibus_contract" else real(name, *a))
+    result = runner.invoke(cli, ["check", "memory://"])
+    assert result.exit_code == 1
+    assert "pip install unibus-contract" in result.stderr

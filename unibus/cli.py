@@ -1,4 +1,4 @@
-"""The ``unibus`` command line: ``demo``, ``publish``, ``consume`` and ``migrate``.
+"""The ``unibus`` command line: ``demo``, ``publish``, ``consume``, ``migrate`` and ``check``.
 
 ::
 
@@ -7,6 +7,7 @@
     echo '{"id": 1}' | unibus publish orders --url amqp://guest:guest@127.0.0.1/ --key c-7
     unibus consume orders --url amqp://... --group billing --count 10 --timeout 5 --json
     unibus migrate --from amqp://... --to kafka://... --topic orders --checkpoint o.ckpt --verify
+    unibus check nats://127.0.0.1:4222 --property A1,C2 --report build/semantics.md
 
 ``--url`` defaults to ``$UNIBUS_URL``, else ``memory://``. A ``memory://`` broker
 lives inside one process, so ``publish`` and ``consume`` in two invocations on
@@ -21,15 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import importlib.util
 import json
 import logging
 import math
+import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -615,6 +621,101 @@ def migrate(
     if report.verify is not None and not report.verify.ok:
         _fail(f"verify found {report.verify.lost_count} lost and "
               f"{report.verify.mismatched_count} mismatched messages")
+
+# -------------------------------------------------------------------------- check
+
+#: What pytest's exit codes mean to ``unibus check`` (0 and 1 are said by the report).
+_PYTEST_USAGE_ERROR, _PYTEST_NO_TESTS, _PYTEST_INTERRUPTED = 4, 5, 2
+
+
+def _contract_args(url: str, *, name: str | None, properties: list[str],
+                   report: str | None, rootdir: str) -> list[str]:
+    """pytest's arguments for the contract scenarios on ``url``.
+
+    The run is kept apart from the project in the working directory: no ini file, no
+    cache, a rootdir of its own; the settings the scenarios need are given here.
+    """
+    args = ["-q", "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", rootdir,
+            "-o", "timeout=120", "-o", "asyncio_default_fixture_loop_scope=function",
+            "--pyargs", "unibus_contract.scenarios",
+            "--unibus-url", url if name is None else f"{name}={url}",
+            "--unibus-report", report or "none"]
+    for prop in properties:
+        args += ["--unibus-property", prop]
+    return args
+
+
+async def _reach(url: str) -> None:
+    """Open and close a bus on ``url``: a bad URL or an unreachable broker fails here,
+    once and fast, not in every scenario."""
+    async with unibus.connect(url):
+        pass
+
+
+@cli.command()
+def check(
+    url: Annotated[str | None, typer.Argument(
+        help="The broker to check (default: $UNIBUS_URL, else memory://).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="The report's column for this broker (default: the URL's scheme).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", metavar="SCHEME=MODULE:FACTORY",
+        help="Serve SCHEME:// with your adapter (a module importable from the working "
+             "directory); repeat for more.")] = None,
+    prop: Annotated[list[str] | None, typer.Option(
+        "--property", metavar="ID[,ID...]",
+        help="Check only these CONTRACT properties, e.g. A1,C2 (the others are "
+             "reported 'not run'); repeat for more.")] = None,
+    report: Annotated[str | None, typer.Option(
+        help="Also write the report here as Markdown, and as JSON next to it.")] = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the report as JSON; the scenarios' progress goes to stderr.")
+    ] = False,
+) -> None:
+    """Run the contract suite against a live broker and print the semantics report
+    (exit 1 when a property fails)."""
+    if importlib.util.find_spec("unibus_contract") is None:
+        _fail("unibus check runs the contract suite, which is not installed: "
+              "pip install unibus-contract")
+    import pytest
+
+    url = url or os.environ.get("UNIBUS_URL") or "memory://"
+    for spec in adapter or []:
+        scheme, eq, factory = spec.partition("=")
+        if not eq or ":" not in factory or not scheme.strip():
+            _fail(f"--adapter {spec!r}: expected SCHEME=MODULE:FACTORY, "
+                  "e.g. redis=my_adapter:RedisAdapter", code=2)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())   # as `python -m pytest` would find it
+        try:
+            unibus.register(scheme.strip().lower(), factory.strip())
+        except ValueError as exc:
+            _fail(f"--adapter {spec!r}: {exc}", code=2)
+    _run(_reach(url))
+    with tempfile.TemporaryDirectory(prefix="unibus-check-") as rootdir:
+        json_path = Path(rootdir) / "semantics.json"
+        written = report or (str(Path(rootdir) / "semantics.md") if json_output else None)
+        args = _contract_args(url, name=name, properties=prop or [], report=written,
+                              rootdir=rootdir)
+        if json_output:
+            with contextlib.redirect_stdout(sys.stderr):
+                code = int(pytest.main(args))
+            if report is not None:
+                json_path = Path(report).with_suffix(".json")
+            if json_path.exists():
+                print(json_path.read_text(encoding="utf-8"))
+        else:
+            code = int(pytest.main(args))
+    shown = unibus.make_url(url)
+    if code == _PYTEST_USAGE_ERROR:
+        raise typer.Exit(2)
+    if code == _PYTEST_INTERRUPTED:
+        raise typer.Exit(130)
+    if code == _PYTEST_NO_TESTS:
+        _fail(f"no contract scenario ran on {shown}")
+    if code != 0:
+        _fail(f"the contract does not hold on {shown}: see the report above")
+
 
 def main() -> None:
     """Entry point of the ``unibus`` script."""

@@ -51,6 +51,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--unibus-adapter", action="append", default=[],
                     metavar="SCHEME=MODULE:FACTORY",
                     help="serve SCHEME:// URLs with your adapter (unibus.register)")
+    group.addoption("--unibus-property", action="append", default=[], metavar="ID[,ID...]",
+                    help="run only the scenarios of these CONTRACT.md properties, e.g. A1,C2 "
+                         "(repeatable; the others are reported 'not run')")
     group.addoption("--unibus-report", default=None, metavar="PATH",
                     help="write the semantics report here as Markdown, and JSON next to it "
                          "(default: build/semantics.md under the rootdir; 'none': do not write)")
@@ -88,10 +91,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = _selected_properties(config.getoption("--unibus-property"))
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         ids = [str(i) for marker in item.iter_markers(_MARKER) for i in marker.args]
         if not ids:
+            keep.append(item)   # not a contract scenario: --unibus-property leaves it be
             continue
+        if wanted and not wanted.intersection(ids):
+            dropped.append(item)
+            continue
+        keep.append(item)
         unknown = [i for i in ids if i not in PROPERTIES]
         if unknown:
             raise pytest.UsageError(f"{item.nodeid}: unknown contract property {unknown}; "
@@ -103,6 +114,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                     "'contract' fixture")
         item.user_properties.extend((PROPERTY_KEY, i) for i in ids)
         item.user_properties.append((TARGET_KEY, target.name))
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def _selected_properties(options: list[str]) -> set[str]:
+    """The property IDs given with ``--unibus-property`` (empty: all of them).
+
+    Raises:
+        pytest.UsageError: An ID that is not a CONTRACT.md property.
+    """
+    wanted = {part.strip().upper() for option in options for part in option.split(",")
+              if part.strip()}
+    unknown = sorted(wanted.difference(PROPERTIES))
+    if unknown:
+        raise pytest.UsageError(f"--unibus-property: unknown contract property "
+                                f"{', '.join(unknown)}; known: {', '.join(PROPERTIES)}")
+    return wanted
 
 
 @pytest.fixture
