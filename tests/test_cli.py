@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -186,11 +187,14 @@ class EmptyBodiesLost(MemoryAdapter):
 '''
 
 
-def unibus_check(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``unibus check`` as a user would: the installed script, in ``cwd``."""
+def unibus_check(*args: str, cwd: Path,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``unibus check`` as a user would: the installed script, in ``cwd``, without
+    this test run's own pytest settings in its environment (plus ``env``)."""
     script = Path(sys.executable).parent / "unibus"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     return subprocess.run([str(script), "check", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120, check=False)
+                          cwd=cwd, timeout=120, check=False, env={**clean, **(env or {})})
 
 
 def report_lines(stdout: str) -> dict[str, str]:
@@ -221,7 +225,7 @@ def test_check_json_prints_the_report_and_writes_it_where_asked(tmp_path: Path) 
     assert printed["status"]["mine"]["A1"] == "not run"
     assert "passed" in done.stderr, "the scenarios' progress goes to stderr"
     written = json.loads((tmp_path / "out" / "semantics.json").read_text(encoding="utf-8"))
-    assert written == printed
+    assert {**written, "error": None} == printed
     assert "| A3 |" in (tmp_path / "out" / "semantics.md").read_text(encoding="utf-8")
 
 
@@ -233,12 +237,41 @@ def test_check_fails_with_exit_1_on_an_adapter_that_breaks_a_property(
     assert done.returncode == 1, done.stderr
     status = json.loads(done.stdout)["status"]["lossy"]
     assert (status["A2"], status["A3"]) == ("held", "failed")
-    assert "the contract does not hold on lossy://x" in done.stderr
+    assert "the contract does not hold on lossy://x: A3 failed" in done.stderr
+    assert json.loads(done.stdout)["error"].endswith("A3 failed")
+
+
+def test_check_ignores_the_pytest_set_up_of_the_project_it_runs_in(tmp_path: Path) -> None:
+    # Each of these would stop or change the run if it reached it.
+    (tmp_path / "conftest.py").write_text('raise SystemExit("a conftest ran")\n')
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text("import no_such_module\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = --collect-only\n")
+    done = unibus_check("memory://", "--property", "A2", "--json", cwd=tmp_path,
+                        env={"PYTEST_ADDOPTS": "--collect-only -x", "PYTEST_PLUGINS": "nope"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"]["memory"]["A2"] == "held"
+
+
+def test_check_json_never_shows_an_earlier_runs_report(tmp_path: Path) -> None:
+    first = unibus_check("memory://", "--property", "A3", "--report", "out/s.md",
+                         cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "out" / "s.json").exists()
+    done = unibus_check("memory://", "--property", "Z9", "--report", "out/s.md", "--json",
+                        cwd=tmp_path)
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == {
+        "error": "the contract suite refused its arguments (the reason is above)"}
+    assert "unknown contract property Z9" in done.stderr
 
 
 @pytest.mark.parametrize(("args", "said"), [
     (["--property", "Z9"], "unknown contract property Z9"),
     (["--adapter", "nomodule"], "expected SCHEME=MODULE:FACTORY"),
+    (["--name", "my column"], "use letters, digits"),
+    (["--report", "out.json"], "name the Markdown file"),
+    (["--report", "none"], "name the Markdown file"),
 ])
 def test_check_usage_errors_exit_2(tmp_path: Path, args: list[str], said: str) -> None:
     done = unibus_check("memory://", *args, cwd=tmp_path)
@@ -246,14 +279,18 @@ def test_check_usage_errors_exit_2(tmp_path: Path, args: list[str], said: str) -
     assert said in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("json_output", [False, True])
 def test_check_on_an_unreachable_broker_is_one_line_without_the_password(
-        tmp_path: Path) -> None:
-    done = unibus_check("memory://app:hunter2@nobody-here?create=false", cwd=tmp_path)
+        tmp_path: Path, json_output: bool) -> None:
+    done = unibus_check("memory://app:hunter2@nobody-here?create=false",
+                        *(["--json"] if json_output else []), cwd=tmp_path)
     assert done.returncode == 1
     assert "BrokerUnavailable" in done.stderr
     assert "hunter2" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    assert "passed" not in done.stdout, "no scenario runs against a broker it cannot reach"
+    assert "passed" not in done.stdout + done.stderr, "no scenario ran against it"
+    if json_output:
+        assert "BrokerUnavailable" in json.loads(done.stdout)["error"]
 
 
 def test_check_without_the_contract_suite_says_what_to_install(
@@ -266,3 +303,30 @@ def test_check_without_the_contract_suite_says_what_to_install(
     result = runner.invoke(cli, ["check", "memory://"])
     assert result.exit_code == 1
     assert "pip install unibus-contract" in result.stderr
+
+
+@pytest.mark.parametrize(("code", "interrupted", "said", "status"), [
+    (pytest.ExitCode.OK, False, None, 0),
+    (pytest.ExitCode.TESTS_FAILED, False, "does not hold on memory://x: A3, F7 failed", 1),
+    (pytest.ExitCode.USAGE_ERROR, False, "refused its arguments", 2),
+    (pytest.ExitCode.NO_TESTS_COLLECTED, False, "no contract scenario ran", 1),
+    (pytest.ExitCode.INTERRUPTED, True, "interrupted", 130),
+    (pytest.ExitCode.INTERRUPTED, False, "could not be collected", 1),
+    (pytest.ExitCode.INTERNAL_ERROR, False, "exit code 3", 1),
+])
+def test_check_says_what_each_pytest_exit_code_means(
+        code: pytest.ExitCode, interrupted: bool, said: str | None, status: int) -> None:
+    from unibus._check import Outcome, verdict
+
+    outcome = Outcome()
+    outcome.interrupted = interrupted
+    outcome.report = {"properties": {"A3": "", "C1": "", "F7": ""},
+                      "status": {"a": {"A3": "failed", "C1": "held", "F7": "held"},
+                                 "b": {"A3": "held", "C1": "not run", "F7": "failed"}}}
+    error, exit_status = verdict(code, outcome, "memory://x")
+    assert exit_status == status
+    if said is None:
+        assert error is None
+    else:
+        assert error is not None
+        assert said in error

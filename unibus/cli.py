@@ -30,7 +30,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -51,6 +50,7 @@ from rich.progress import (
 from rich.table import Table
 
 import unibus
+from unibus import _check
 from unibus.bus import DEFAULT_PREFETCH
 from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP, DEFAULT_WINDOW
 
@@ -622,27 +622,8 @@ def migrate(
         _fail(f"verify found {report.verify.lost_count} lost and "
               f"{report.verify.mismatched_count} mismatched messages")
 
+
 # -------------------------------------------------------------------------- check
-
-#: What pytest's exit codes mean to ``unibus check`` (0 and 1 are said by the report).
-_PYTEST_USAGE_ERROR, _PYTEST_NO_TESTS, _PYTEST_INTERRUPTED = 4, 5, 2
-
-
-def _contract_args(url: str, *, name: str | None, properties: list[str],
-                   report: str | None, rootdir: str) -> list[str]:
-    """pytest's arguments for the contract scenarios on ``url``.
-
-    The run is kept apart from the project in the working directory: no ini file, no
-    cache, a rootdir of its own; the settings the scenarios need are given here.
-    """
-    args = ["-q", "-p", "no:cacheprovider", "-c", os.devnull, "--rootdir", rootdir,
-            "-o", "timeout=120", "-o", "asyncio_default_fixture_loop_scope=function",
-            "--pyargs", "unibus_contract.scenarios",
-            "--unibus-url", url if name is None else f"{name}={url}",
-            "--unibus-report", report or "none"]
-    for prop in properties:
-        args += ["--unibus-property", prop]
-    return args
 
 
 async def _reach(url: str) -> None:
@@ -650,6 +631,22 @@ async def _reach(url: str) -> None:
     once and fast, not in every scenario."""
     async with unibus.connect(url):
         pass
+
+
+def _check_usage(name: str | None, report: str | None, adapters: list[str]) -> str | None:
+    """What is wrong with ``check``'s options, if anything."""
+    if name is not None and not _check.NAME.fullmatch(name):
+        return f"--name {name!r}: use letters, digits, '_', '.' and '-'"
+    if report is not None and (report.strip().lower() in ("", "none")
+                               or Path(report).suffix.lower() == ".json"):
+        return (f"--report {report!r}: name the Markdown file (e.g. build/semantics.md); "
+                "the JSON is written next to it")
+    for spec in adapters:
+        scheme, eq, factory = spec.partition("=")
+        if not eq or ":" not in factory or not scheme.strip():
+            return (f"--adapter {spec!r}: expected SCHEME=MODULE:FACTORY, "
+                    "e.g. redis=my_adapter:RedisAdapter")
+    return None
 
 
 @cli.command()
@@ -674,47 +671,45 @@ def check(
 ) -> None:
     """Run the contract suite against a live broker and print the semantics report
     (exit 1 when a property fails)."""
+
+    def fail(message: str, code: int = 1) -> NoReturn:
+        if json_output:
+            print(json.dumps({"error": message}, ensure_ascii=False))
+        _fail(message, code)
+
     if importlib.util.find_spec("unibus_contract") is None:
-        _fail("unibus check runs the contract suite, which is not installed: "
-              "pip install unibus-contract")
+        fail("unibus check runs the contract suite, which is not installed: "
+             "pip install unibus-contract")
     import pytest
 
     url = url or os.environ.get("UNIBUS_URL") or "memory://"
+    problem = _check_usage(name, report, adapter or [])
+    if problem is not None:
+        fail(problem, code=2)
     for spec in adapter or []:
-        scheme, eq, factory = spec.partition("=")
-        if not eq or ":" not in factory or not scheme.strip():
-            _fail(f"--adapter {spec!r}: expected SCHEME=MODULE:FACTORY, "
-                  "e.g. redis=my_adapter:RedisAdapter", code=2)
+        scheme, _, factory = spec.partition("=")
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())   # as `python -m pytest` would find it
         try:
             unibus.register(scheme.strip().lower(), factory.strip())
         except ValueError as exc:
-            _fail(f"--adapter {spec!r}: {exc}", code=2)
-    _run(_reach(url))
-    with tempfile.TemporaryDirectory(prefix="unibus-check-") as rootdir:
-        json_path = Path(rootdir) / "semantics.json"
-        written = report or (str(Path(rootdir) / "semantics.md") if json_output else None)
-        args = _contract_args(url, name=name, properties=prop or [], report=written,
-                              rootdir=rootdir)
-        if json_output:
-            with contextlib.redirect_stdout(sys.stderr):
-                code = int(pytest.main(args))
-            if report is not None:
-                json_path = Path(report).with_suffix(".json")
-            if json_path.exists():
-                print(json_path.read_text(encoding="utf-8"))
-        else:
-            code = int(pytest.main(args))
-    shown = unibus.make_url(url)
-    if code == _PYTEST_USAGE_ERROR:
-        raise typer.Exit(2)
-    if code == _PYTEST_INTERRUPTED:
-        raise typer.Exit(130)
-    if code == _PYTEST_NO_TESTS:
-        _fail(f"no contract scenario ran on {shown}")
-    if code != 0:
-        _fail(f"the contract does not hold on {shown}: see the report above")
+            fail(f"--adapter {spec!r}: {exc}", code=2)
+    try:
+        asyncio.run(_reach(url))
+    except _REPORTED as exc:
+        fail(_describe_error(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    outcome = _check.Outcome()
+    args = _check.contract_args(url, name=name, properties=prop or [], report=report)
+    progress = contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
+    with _check.isolated_environment(), progress:
+        code = int(pytest.main(args, plugins=[outcome]))
+    error, status = _check.verdict(code, outcome, str(unibus.make_url(url)))
+    if json_output:
+        print(json.dumps({**(outcome.report or {}), "error": error}, ensure_ascii=False))
+    if error is not None:
+        _fail(error, status)
 
 
 def main() -> None:

@@ -99,14 +99,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not ids:
             keep.append(item)   # not a contract scenario: --unibus-property leaves it be
             continue
-        if wanted and not wanted.intersection(ids):
-            dropped.append(item)
-            continue
-        keep.append(item)
         unknown = [i for i in ids if i not in PROPERTIES]
         if unknown:
             raise pytest.UsageError(f"{item.nodeid}: unknown contract property {unknown}; "
                                     f"known: {', '.join(PROPERTIES)}")
+        if wanted:
+            # A scenario of several properties, run for one of them, is evidence for
+            # that one only: the others are judged by all of their scenarios, or not run.
+            ids = [i for i in ids if i in wanted]
+            if not ids:
+                dropped.append(item)
+                continue
+        keep.append(item)
         callspec = getattr(item, "callspec", None)
         target = callspec.params.get("unibus_target") if callspec is not None else None
         if not isinstance(target, Target):
