@@ -14,7 +14,14 @@ import unibus
 from unibus import AdapterNotInstalled, InvalidURL, UnknownScheme, make_url
 from unibus.memory import MemoryAdapter
 from unibus.options import Options
-from unibus.registry import BUILTIN, ENTRY_POINT_GROUP, available_schemes, register, resolve
+from unibus.registry import (
+    BUILTIN,
+    ENTRY_POINT_GROUP,
+    available_schemes,
+    register,
+    register_spec,
+    resolve,
+)
 from unibus.spi import Adapter
 from unibus.url import URL
 
@@ -102,6 +109,20 @@ def test_registered_string_target_is_imported_lazily_on_resolve() -> None:
     unibus.register("test+lazy", "unibus.memory:MemoryAdapter")
 
     assert resolve(make_url("test+lazy://x")) is MemoryAdapter
+
+
+def test_register_spec_takes_the_command_line_form() -> None:
+    assert register_spec(" Test+Lazy = unibus.memory:MemoryAdapter ") == "test+lazy"
+
+    assert resolve(make_url("test+lazy://x")) is MemoryAdapter
+
+
+@pytest.mark.parametrize("spec", ["nomodule", "=unibus.memory:MemoryAdapter",
+                                  "test=unibus.memory", "test"])
+def test_register_spec_refuses_what_is_not_scheme_module_factory(spec: str) -> None:
+    with pytest.raises(ValueError, match="expected SCHEME=MODULE:FACTORY"):
+        register_spec(spec)
+    assert "test" not in available_schemes()
 
 
 @pytest.mark.parametrize("scheme", ["", "Kafka", "AMQP"])

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-__all__ = ["NAME", "Outcome", "contract_args", "isolated_environment", "verdict"]
-
-#: A report column name the contract plugin accepts (``--unibus-url NAME=URL``).
-NAME = re.compile(r"[A-Za-z0-9_.-]+")
+__all__ = ["Outcome", "contract_args", "isolated_environment", "usage_problem", "verdict"]
 
 #: The pytest plugins the scenarios need, loaded by name; nothing else is auto-loaded.
 _PLUGINS = ("pytest_asyncio.plugin", "pytest_timeout", "unibus_contract.plugin")
@@ -36,6 +33,19 @@ _ISOLATED_ENV: dict[str, str | None] = {
 
 #: The plugin object of the contract suite that holds the semantics report.
 _REPORT_PLUGIN = "unibus-contract-report"
+
+
+def usage_problem(name: str | None, report: str | None) -> str | None:
+    """What is wrong with ``--name`` or ``--report``, if anything."""
+    from unibus_contract.targets import TARGET_NAME
+
+    if name is not None and not TARGET_NAME.fullmatch(name):
+        return f"--name {name!r}: use letters, digits, '_', '.' and '-'"
+    if report is not None and (report.strip().lower() in ("", "none")
+                               or Path(report).suffix.lower() == ".json"):
+        return (f"--report {report!r}: name the Markdown file (e.g. build/semantics.md); "
+                "the JSON is written next to it")
+    return None
 
 
 def contract_args(url: str, *, name: str | None, properties: list[str],

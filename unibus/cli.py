@@ -34,7 +34,6 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -53,6 +52,7 @@ import unibus
 from unibus import _check
 from unibus.bus import DEFAULT_PREFETCH
 from unibus.migrate import DEFAULT_BATCH, DEFAULT_GROUP, DEFAULT_WINDOW
+from unibus.registry import register_spec
 
 __all__ = ["cli", "main"]
 
@@ -633,22 +633,6 @@ async def _reach(url: str) -> None:
         pass
 
 
-def _check_usage(name: str | None, report: str | None, adapters: list[str]) -> str | None:
-    """What is wrong with ``check``'s options, if anything."""
-    if name is not None and not _check.NAME.fullmatch(name):
-        return f"--name {name!r}: use letters, digits, '_', '.' and '-'"
-    if report is not None and (report.strip().lower() in ("", "none")
-                               or Path(report).suffix.lower() == ".json"):
-        return (f"--report {report!r}: name the Markdown file (e.g. build/semantics.md); "
-                "the JSON is written next to it")
-    for spec in adapters:
-        scheme, eq, factory = spec.partition("=")
-        if not eq or ":" not in factory or not scheme.strip():
-            return (f"--adapter {spec!r}: expected SCHEME=MODULE:FACTORY, "
-                    "e.g. redis=my_adapter:RedisAdapter")
-    return None
-
-
 @cli.command()
 def check(
     url: Annotated[str | None, typer.Argument(
@@ -683,17 +667,16 @@ def check(
     import pytest
 
     url = url or os.environ.get("UNIBUS_URL") or "memory://"
-    problem = _check_usage(name, report, adapter or [])
+    problem = _check.usage_problem(name, report)
     if problem is not None:
         fail(problem, code=2)
+    if adapter and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())   # as `python -m pytest` would find the modules
     for spec in adapter or []:
-        scheme, _, factory = spec.partition("=")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())   # as `python -m pytest` would find it
         try:
-            unibus.register(scheme.strip().lower(), factory.strip())
+            register_spec(spec)
         except ValueError as exc:
-            fail(f"--adapter {spec!r}: {exc}", code=2)
+            fail(f"--adapter {exc}", code=2)
     try:
         asyncio.run(_reach(url))
     except _REPORTED as exc:

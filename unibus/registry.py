@@ -20,7 +20,8 @@ from unibus.errors import AdapterNotInstalled, UnknownScheme
 from unibus.spi import Adapter
 from unibus.url import URL
 
-__all__ = ["AdapterFactory", "available_schemes", "register", "resolve", "unregister"]
+__all__ = ["AdapterFactory", "available_schemes", "register", "register_spec", "resolve",
+           "unregister"]
 
 AdapterFactory: TypeAlias = Callable[[URL], Adapter]
 
@@ -54,6 +55,25 @@ def register(scheme: str, factory: AdapterFactory | str) -> None:
     if not scheme or scheme != scheme.lower():
         raise ValueError(f"scheme must be a non-empty lower-case string, got {scheme!r}")
     _registered[scheme] = factory
+
+
+def register_spec(spec: str) -> str:
+    """Serve a scheme with an adapter named as the command lines take it:
+    ``SCHEME=MODULE:FACTORY`` (e.g. ``redis=my_adapter:RedisAdapter``).
+
+    Returns:
+        The scheme, lower case.
+
+    Raises:
+        ValueError: ``spec`` is not of that form.
+    """
+    scheme, eq, factory = spec.partition("=")
+    scheme, factory = scheme.strip().lower(), factory.strip()
+    if not eq or not scheme or ":" not in factory:
+        raise ValueError(f"{spec!r}: expected SCHEME=MODULE:FACTORY, "
+                         "e.g. redis=my_adapter:RedisAdapter")
+    register(scheme, factory)
+    return scheme
 
 
 def unregister(scheme: str) -> None:

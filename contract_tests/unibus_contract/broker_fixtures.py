@@ -29,7 +29,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from unibus.url import make_url
 from unibus_contract.provision import (
     SPECS,
     Broker,
@@ -87,7 +86,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         timings = ", ".join(f"{action} {seconds:.1f}s" for action, seconds in broker.timings)
         terminalreporter.write_line(
             f"{broker.spec.name:<9} {broker.image} ({broker.layout.mode.value} network) "
-            f"{make_url(broker.url)}: ready after {timings}"
+            f"{broker.shown_url}: ready after {timings}"
         )
 
 

@@ -71,16 +71,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _register_adapter(spec: str) -> None:
-    scheme, eq, factory = spec.partition("=")
-    if not eq or ":" not in factory or not scheme:
-        raise pytest.UsageError(f"--unibus-adapter {spec!r}: expected SCHEME=MODULE:FACTORY, "
-                                "e.g. redis=my_adapter:RedisAdapter")
-    from unibus import register
+    from unibus.registry import register_spec
 
     try:
-        register(scheme.strip().lower(), factory.strip())
+        register_spec(spec)
     except ValueError as exc:
-        raise pytest.UsageError(f"--unibus-adapter {spec!r}: {exc}") from None
+        raise pytest.UsageError(f"--unibus-adapter {exc}") from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_TARGETS",
     "KNOWN_TARGETS",
+    "TARGET_NAME",
     "Target",
     "memory_target",
     "register_target",
@@ -51,7 +52,9 @@ __all__ = [
 
 ENV_TARGETS = "UNIBUS_CONTRACT_TARGETS"
 
-_NAMED_URL = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)=(?P<url>[a-z][a-z0-9+.-]*://.*)$")
+#: A target's name: a report column, and the NAME of ``--unibus-url NAME=URL``.
+TARGET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NAMED_URL = re.compile(rf"^(?P<name>{TARGET_NAME.pattern})=(?P<url>[a-z][a-z0-9+.-]*://.*)$")
 
 
 def _keep(url: str) -> str:

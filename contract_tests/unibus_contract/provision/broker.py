@@ -121,8 +121,13 @@ class Broker:
         self._container.with_name(f"unibus-{spec.name}-{layout.instance}")
 
     def __repr__(self) -> str:
-        shown = make_url(self.url)   # the password hidden
-        return f"<Broker {self.spec.name} {shown} image={self.image} {self.layout.mode.value}>"
+        return (f"<Broker {self.spec.name} {self.shown_url} image={self.image} "
+                f"{self.layout.mode.value}>")
+
+    @property
+    def shown_url(self) -> str:
+        """The client URL as it may be printed: the password hidden."""
+        return str(make_url(self.url))
 
     @property
     def port(self) -> int:
